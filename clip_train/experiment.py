@@ -1,0 +1,119 @@
+"""One point of a ratio sweep: resolve data, train, evaluate zero-shot, write ``metrics.json``.
+
+The run folder is the unit of reproducibility and idempotency: it holds the resolved config
+(with its hash), provenance, checkpoints, the training log and the metrics. A folder whose
+metrics exist for the same config is reused; one made by a different config is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from caption_mixing.atomic import atomic_write_json
+from caption_mixing.provenance import config_hash, write_run_metadata
+from clip_train.checkpoint import load_checkpoint, load_model_state
+from clip_train.config import ClipTrainConfig
+from clip_train.model import create_model
+from clip_train.train import resolve_device, train
+
+TESTBED_NOTICE = "Embedded synthetic testbed: numbers exercise the suite and are not paper results."
+
+
+class RunConflictError(RuntimeError):
+    pass
+
+
+def resolve_data(cfg: ClipTrainConfig, testbed_dir: str | None = None) -> tuple[str, dict[str, str], bool]:
+    """(train shard pattern, eval tasks name->folder, uses_testbed) for a config."""
+    uses_testbed = cfg.train_shards == "embedded" or cfg.eval_tasks == "embedded"
+    testbed = None
+    if uses_testbed:
+        from caption_mixing.testbed import Testbed, ensure_testbed
+
+        # A folder the user points at is used as built (any size); otherwise the default is built or reused.
+        if testbed_dir and (Path(testbed_dir) / "testbed.json").exists():
+            testbed = Testbed.load(testbed_dir)
+        else:
+            testbed = ensure_testbed(testbed_dir)
+    shards = testbed.train_shards if cfg.train_shards == "embedded" else cfg.train_shards
+    if cfg.eval_tasks == "embedded":
+        tasks = {name: str(path) for name, path in testbed.eval_tasks.items()}
+    elif cfg.eval_tasks:
+        tasks = {}
+        for item in cfg.eval_tasks.split(","):
+            if "=" not in item:
+                raise ValueError(f"eval_tasks: {item!r} is not name=path")
+            name, path = item.split("=", 1)
+            tasks[name.strip()] = path.strip()
+    else:
+        tasks = {}
+    return shards, tasks, uses_testbed
+
+
+def run_dir_for(out: Path, cfg: ClipTrainConfig) -> Path:
+    return Path(out) / f"clip-{Path(cfg.preset or 'custom').stem}-p{cfg.p:g}"
+
+
+def check_run_dir(run_dir: Path, cfg: ClipTrainConfig, force: bool) -> str:
+    """'new', 'resume' or 'done'; refuse a folder written by a different config unless forced."""
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.exists():
+        return "new"
+    saved = json.loads(cfg_file.read_text())
+    if saved.get("config_hash") != config_hash(cfg.to_dict()) and not force:
+        raise RunConflictError(
+            f"{run_dir} was made by a different config (hash {saved.get('config_hash')} vs "
+            f"{config_hash(cfg.to_dict())}); use another --out or --force"
+        )
+    return "done" if (run_dir / "metrics.json").exists() and not force else "resume"
+
+
+def evaluate_checkpoint(cfg: ClipTrainConfig, ckpt: Path, tasks: dict[str, str]) -> dict:
+    from eval.zeroshot import evaluate_tasks, summarize
+
+    device = resolve_device(cfg)
+    model, _, preprocess_val, tokenizer = create_model(cfg.model, device=device)
+    load_model_state(model, load_checkpoint(ckpt), cfg.model, ckpt)
+    results = evaluate_tasks(model, tokenizer, preprocess_val, tasks, device=device)
+    return {"tasks": results, "summary": summarize(results)}
+
+
+def run_point(cfg: ClipTrainConfig, out: Path, testbed_dir: str | None = None, force: bool = False) -> dict:
+    """Train and evaluate one p; return the metrics dict (also written to ``metrics.json``)."""
+    run_dir = run_dir_for(out, cfg)
+    state = check_run_dir(run_dir, cfg, force)
+    if state == "done":
+        print(f"{run_dir}: finished earlier with the same config; reusing its metrics.json")
+        return json.loads((run_dir / "metrics.json").read_text())
+    shards, tasks, uses_testbed = resolve_data(cfg, testbed_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
+
+    t0 = time.perf_counter()
+    ckpt = train(cfg, run_dir, shards, cfg.sidecar_dir)
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    metrics = evaluate_checkpoint(cfg, ckpt, tasks)
+    eval_s = time.perf_counter() - t1
+
+    train_state = load_checkpoint(ckpt)
+    metrics.update(
+        p=cfg.p,
+        label=f"p={cfg.p:g}",
+        model=cfg.model,
+        checkpoint=str(ckpt.relative_to(run_dir)),
+        steps=train_state["step"],
+        mixing=train_state["mixing"],
+        train_seconds=round(train_s, 1),
+        eval_seconds=round(eval_s, 1),
+        device=resolve_device(cfg),
+        torch_threads=torch.get_num_threads(),
+    )
+    if uses_testbed:
+        metrics["notice"] = TESTBED_NOTICE
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,29 @@
+"""Model construction through open_clip's own factory (plus the embedded tiny config)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import open_clip
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers EmbeddedCLIP-Tiny under open_clip's registry
+
+
+def check_model_name(name: str) -> None:
+    """Unknown names get the list of valid ones (and the closest matches)."""
+    names = open_clip.list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Valid models: {', '.join(names)}")
+
+
+def create_model(name: str, device: str = "cpu", pretrained: str | None = None):
+    """Return (model, train transform, eval transform, tokenizer) for an open_clip model name."""
+    check_model_name(name)
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, device=device
+    )
+    return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
