@@ -49,15 +49,21 @@ def parse_p_list(text: str, flag: str = "--p") -> list[float]:
     return out
 
 
+PER_VISIT = "per_visit"  # the paper's rule: a new draw every time a sample is seen
+PER_SAMPLE = "per_sample"  # one draw per sample for the whole run (epoch ignored)
+
+
 @dataclass(frozen=True)
 class Mixture:
     """Caption sources with weights (summing to 1) and the order to fall back along.
 
     ``Mixture.from_p(0.15, "altogether")`` is the paper's rule: 15% synthetic, 85% alt-text.
+    ``Mixture.parse("alt=0.7,altogether_r3=0.2,scratch=0.1")`` mixes any number of sources.
     """
 
     weights: tuple[tuple[str, float], ...]
     fallback: tuple[str, ...] = (ALT,)
+    mode: str = PER_VISIT
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -70,11 +76,39 @@ class Mixture:
         total = sum(w for _, w in self.weights)
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"mixture weights must sum to 1, got {total:g}: {dict(self.weights)}")
+        if self.mode not in (PER_VISIT, PER_SAMPLE):
+            raise ValueError(f"mixture mode must be {PER_VISIT!r} or {PER_SAMPLE!r}, got {self.mode!r}")
 
     @classmethod
-    def from_p(cls, p: float, synthetic: str = "altogether") -> Mixture:
+    def parse(cls, spec: str, fallback: str | None = None, mode: str = PER_VISIT, flag: str = "--captions") -> Mixture:
+        """``"alt=0.85,altogether_r3=0.15"`` -> Mixture; ``fallback`` is a comma list (default: alt)."""
+        weights = []
+        for item in (s.strip() for s in spec.split(",")):
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"{flag}: {item!r} is not source=weight (e.g. alt=0.85,altogether=0.15)")
+            try:
+                weights.append((name.strip(), float(value)))
+            except ValueError:
+                raise ValueError(f"{flag}: weight {value!r} of source {name.strip()!r} is not a number") from None
+        order = tuple(s.strip() for s in fallback.split(",")) if fallback else (ALT,)
+        try:
+            return cls(weights=tuple(weights), fallback=order, mode=mode)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+
+    @classmethod
+    def from_p(cls, p: float, synthetic: str = "altogether", mode: str = PER_VISIT) -> Mixture:
         p = parse_p(p)
-        return cls(weights=((ALT, 1.0 - p), (synthetic, p)))
+        return cls(weights=((ALT, 1.0 - p), (synthetic, p)), mode=mode)
+
+    def with_synthetic_share(self, p: float) -> Mixture:
+        """The same sources with alt-text at 1-p and the synthetic sources scaled to share p (for schedules)."""
+        syn = [(n, w) for n, w in self.weights if n != ALT]
+        syn_total = sum(w for _, w in syn)
+        if syn_total <= 0:
+            raise ValueError("a schedule of p needs a mixture with a synthetic source of non-zero weight")
+        return Mixture(((ALT, 1.0 - p), *((n, p * w / syn_total) for n, w in syn)), self.fallback, self.mode)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -82,8 +116,8 @@ class Mixture:
 
     @property
     def synthetic_sources(self) -> tuple[str, ...]:
-        """Sources other than alt-text that have a non-zero weight (their sidecars must be read)."""
-        return tuple(n for n, w in self.weights if n != ALT and w > 0)
+        """Sources other than alt-text that can be used: drawn (weight > 0) or fallen back to."""
+        return tuple(n for n in dict.fromkeys((*self.sources, *self.fallback)) if n != ALT)
 
     def pick(self, u: float) -> str:
         """Map u in [0, 1) to a source by cumulative weight (zero-weight sources never win)."""
@@ -119,7 +153,7 @@ def _usable(caption: str | None) -> bool:
 
 def choose_caption(captions: dict[str, str | None], mixture: Mixture, seed: int, epoch: int, key: str) -> Choice:
     """Pick the caption of one sample. ``captions`` maps source name -> caption (alt-text under ``alt``)."""
-    wanted = mixture.pick(unit_hash(seed, epoch, key))
+    wanted = mixture.pick(unit_hash(seed, epoch if mixture.mode == PER_VISIT else 0, key))
     if _usable(captions.get(wanted)):
         return Choice(captions[wanted], wanted, wanted)
     for name in mixture.fallback:

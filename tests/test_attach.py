@@ -1,0 +1,174 @@
+"""Synthetic-caption ingestion: caption files and in-shard captions to per-shard sidecars."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from caption_mixing.__main__ import main as cli
+from caption_mixing.caption_index import CaptionIndex, DuplicateKeyError
+from caption_mixing.sidecar import SidecarError, read_sidecar, sidecar_path
+from tests.conftest import jpeg_bytes, make_shards
+
+
+def _records(keys: list[str]) -> list[dict]:
+    return [{"key": k, "url": f"https://img.example/{k}.jpg", "caption": f"dense caption {k}"} for k in keys]
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(records[0]))
+            w.writeheader()
+            w.writerows(records)
+    return path
+
+
+def _sidecars(pattern_dir: Path, name: str) -> dict[str, str]:
+    out = {}
+    for shard in sorted(pattern_dir.glob("*.tar")):
+        out.update(read_sidecar(sidecar_path(shard, name), shard=shard))
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
+def test_attach_from_caption_files(tmp_path: Path, suffix: str, capsys) -> None:
+    pattern, keys = make_shards(tmp_path / "s", n_shards=3, per_shard=10, source="unused")
+    records = _records(keys[:-3]) + [{"key": "not-in-shards", "url": "u", "caption": "x"}]
+    records[0]["caption"] = "   "  # blank counts as empty, not as a caption
+    captions = _write(tmp_path / f"caps{suffix}", records)
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "s").glob("*.tar")}
+
+    assert cli(["attach", "--shards", pattern, "--captions", str(captions), "--name", "r3", "--quiet"]) == 1
+    assert "below --min-coverage" in capsys.readouterr().out
+    rc = cli(
+        ["attach", "--shards", pattern, "--captions", str(captions), "--name", "r3", "--quiet", "--min-coverage", "0.8"]
+    )
+    assert rc == 0
+    got = _sidecars(tmp_path / "s", "r3")
+    assert got == {k: f"dense caption {k}" for k in keys[1:-3]}
+    report = json.loads((tmp_path / "s" / "r3.attach.json").read_text())
+    assert (report["samples"], report["matched"], report["missing"], report["empty"]) == (30, 26, 3, 1)
+    assert report["extra_keys"] == 1 and report["complete"]
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digests} == digests  # shards untouched
+    assert not list((tmp_path / "s").glob(".r3.captions.sqlite*"))  # index removed after success
+
+
+def test_attach_resumes_and_skips_done_shards(tmp_path: Path) -> None:
+    pattern, keys = make_shards(tmp_path / "s", n_shards=3, per_shard=5, source="unused")
+    caps = _write(tmp_path / "c.jsonl", _records(keys))
+    args = [
+        "attach",
+        "--shards",
+        pattern,
+        "--captions",
+        str(caps),
+        "--name",
+        "r3",
+        "--quiet",
+        "--sidecar-dir",
+        str(tmp_path / "side"),
+    ]
+    assert cli(args) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "side").glob("*.r3.json")}
+    assert len(first) == 3
+    (tmp_path / "side" / "00001.r3.json").unlink()  # as if killed before this shard
+    assert cli(args) == 0
+    second = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "side").glob("*.r3.json")}
+    assert second["00000.r3.json"] == first["00000.r3.json"] and "00001.r3.json" in second
+    assert json.loads((tmp_path / "side" / "r3.attach.json").read_text())["matched"] == 15
+
+
+def test_join_on_url(tmp_path: Path) -> None:
+    shards = tmp_path / "s"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for i in range(4):
+            key = f"{i:09d}"
+            for ext, data in (
+                ("jpg", jpeg_bytes((1, 2, 3))),
+                ("txt", b"alt"),
+                ("json", json.dumps({"url": f"https://x/{i}"}).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    caps = _write(tmp_path / "c.jsonl", [{"url": f"https://x/{i}", "text": f"syn {i}"} for i in range(4)])
+    rc = cli(
+        [
+            "attach",
+            "--shards",
+            str(shards / "00000.tar"),
+            "--captions",
+            str(caps),
+            "--name",
+            "r2",
+            "--key-field",
+            "url",
+            "--caption-field",
+            "text",
+            "--join-on",
+            "url",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    assert read_sidecar(shards / "00000.r2.json") == {f"{i:09d}": f"syn {i}" for i in range(4)}
+
+
+def test_captions_inside_shards(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            key = f"{i:09d}"
+            members = {
+                "jpg": jpeg_bytes((9, 9, 9)),
+                "txt": b"alt",
+                "altogether.txt": f"member {i}".encode(),
+                "json": json.dumps({"recaption": f"field {i}"}).encode(),
+            }
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert cli(["attach", "--shards", str(shard), "--from-member", "altogether.txt", "--name", "a", "--quiet"]) == 0
+    assert cli(["attach", "--shards", str(shard), "--from-json-field", "recaption", "--name", "b", "--quiet"]) == 0
+    assert read_sidecar(tmp_path / "00000.a.json")["000000001"] == "member 1"
+    assert read_sidecar(tmp_path / "00000.b.json")["000000002"] == "field 2"
+
+
+def test_duplicate_key_names_key_and_line(tmp_path: Path) -> None:
+    caps = tmp_path / "c.jsonl"
+    caps.write_text('{"key": "a", "caption": "x"}\n{"key": "b", "caption": "y"}\n{"key": "a", "caption": "z"}\n')
+    with pytest.raises(DuplicateKeyError, match=r"duplicate key 'a' on row 3 \(first on row 1\)"):
+        CaptionIndex.open_or_build(caps, tmp_path / "i.sqlite", "key", "caption", progress=False)
+    assert not (tmp_path / "i.sqlite").exists()
+
+
+def test_missing_field_and_bad_json_name_the_file(tmp_path: Path) -> None:
+    caps = tmp_path / "c.jsonl"
+    caps.write_text('{"key": "a", "text": "x"}\n')
+    with pytest.raises(ValueError, match="c.jsonl: row 1 has no field 'caption'"):
+        CaptionIndex.open_or_build(caps, tmp_path / "i.sqlite", "key", "caption", progress=False)
+    caps.write_text('{"key": "a", "caption": "x"}\n{oops\n')
+    with pytest.raises(ValueError, match="c.jsonl: line 2 is not valid JSON"):
+        CaptionIndex.open_or_build(caps, tmp_path / "j.sqlite", "key", "caption", progress=False)
+
+
+def test_sidecar_written_for_another_shard_is_refused(tmp_path: Path) -> None:
+    pattern, _ = make_shards(tmp_path, n_shards=2, per_shard=3)
+    (tmp_path / "00000.altogether.json").write_bytes((tmp_path / "00001.altogether.json").read_bytes())
+    with pytest.raises(SidecarError, match="written for shard '00001.tar', not '00000.tar'"):
+        read_sidecar(tmp_path / "00000.altogether.json", shard=tmp_path / "00000.tar")

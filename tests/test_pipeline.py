@@ -1,0 +1,182 @@
+"""The mixing pipeline at scale: bad data, sidecar mismatch, mixtures, schedules, long captions, resume."""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from caption_mixing import ALT, Mixture, SharedEpoch, choose_caption
+from caption_mixing.long_captions import fit_caption, split_sentences
+from caption_mixing.mixing import PER_SAMPLE
+from caption_mixing.pipeline import build_caption_pipeline, caption_sample_stages, make_loader
+from caption_mixing.schedules import parse_schedule
+from caption_mixing.sidecar import SidecarError, sidecar_path, write_sidecar
+from caption_mixing.stats import summarize_lengths
+from tests.conftest import make_shards
+
+KEYS = [f"{i:09d}" for i in range(20000)]
+
+
+def _pipeline(pattern: str, p: float = 0.5, **kw):
+    return build_caption_pipeline(
+        pattern,
+        mixture=kw.pop("mixture", Mixture.from_p(p)),
+        seed=0,
+        epoch=kw.pop("epoch", SharedEpoch(0)),
+        image_transform=lambda im: torch.zeros(1),
+        tokenizer=lambda texts: torch.zeros(len(texts), 4, dtype=torch.long),
+        batch_size=kw.pop("batch_size", 4),
+        shuffle_buffer=kw.pop("shuffle_buffer", 0),
+        drop_last=False,
+        **kw,
+    )
+
+
+def _rewrite_member(shard: Path, member: str, data: bytes) -> None:
+    with tarfile.open(shard) as tar:
+        items = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for m, payload in items:
+            payload = data if m.name == member else payload
+            m.size = len(payload)
+            tar.addfile(m, io.BytesIO(payload))
+
+
+def test_corrupt_image_and_undecodable_caption_are_skipped_counted_and_logged(tmp_path: Path, caplog) -> None:
+    pattern, keys = make_shards(tmp_path, n_shards=2, per_shard=6)
+    _rewrite_member(tmp_path / "00000.tar", "000000002.jpg", b"\xff\xd8not a jpeg")
+    _rewrite_member(tmp_path / "00001.tar", "000010003.txt", b"caf\xe9 \xff")
+    caplog.set_level(logging.WARNING)
+    seen, errors = [], Counter()
+    for batch in make_loader(_pipeline(pattern, p=0.0), 0):
+        seen += batch["keys"]
+        errors.update(batch["data_errors"])
+    assert "000000002" not in seen and len(seen) == 11
+    assert errors == {"corrupt_image": 1, "undecodable_text": 1}
+    assert "000000002" in caplog.text and "00000.tar" in caplog.text
+
+
+def test_truncated_tar_is_skipped_with_a_warning_and_the_rest_goes_on(tmp_path: Path, caplog) -> None:
+    pattern, keys = make_shards(tmp_path, n_shards=3, per_shard=6)
+    data = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[: len(data) // 2 + 100])
+    caplog.set_level(logging.WARNING)
+    seen, errors = [], Counter()
+    for batch in make_loader(_pipeline(pattern), 0):
+        seen += batch["keys"]
+        errors.update(batch["data_errors"])
+    assert {k for k in keys if not k.startswith("00001")} <= set(seen)  # other shards complete
+    assert errors["unreadable_tar"] >= 1 and "skipping unreadable" in caplog.text
+
+
+def test_sidecar_of_a_different_shard_is_detected_by_keys(tmp_path: Path) -> None:
+    pattern, keys = make_shards(tmp_path, n_shards=2, per_shard=40)
+    other = {f"x{k}": "caption" for k in keys[:40]}  # right shard name inside, wrong keys
+    write_sidecar(sidecar_path(tmp_path / "00000.tar", "altogether"), tmp_path / "00000.tar", "altogether", other)
+    with pytest.raises(SidecarError, match="belongs to a different shard"):
+        list(_pipeline(pattern))
+
+
+def test_multi_source_mixture_weights_and_fallback_order() -> None:
+    m = Mixture.parse("alt=0.6,r2=0.1,r3=0.3", fallback="r2,alt")
+    caps = {ALT: "a", "r2": "two", "r3": "three"}
+    counts = Counter(choose_caption(caps, m, 0, 0, k).source for k in KEYS)
+    for name, w in m.weights:
+        assert abs(counts[name] / len(KEYS) - w) < 0.015
+    c = choose_caption({ALT: "a", "r2": "two"}, Mixture.parse("r3=1.0", fallback="r2,alt"), 0, 0, "k")
+    assert (c.source, c.wanted) == ("r2", "r3")  # declared order: r2 before alt
+    with pytest.raises(ValueError, match="--captions: .*sum to 1"):
+        Mixture.parse("alt=0.5,r3=0.2")
+    with pytest.raises(ValueError, match="--captions: 'alt0.5' is not source=weight"):
+        Mixture.parse("alt0.5")
+
+
+def test_per_sample_mode_is_fixed_across_epochs_per_visit_is_not() -> None:
+    caps = {ALT: "a", "altogether": "s"}
+    fixed, visit = Mixture.from_p(0.5, mode=PER_SAMPLE), Mixture.from_p(0.5)
+    same = [
+        choose_caption(caps, fixed, 0, 0, k).source == choose_caption(caps, fixed, 0, 9, k).source for k in KEYS[:500]
+    ]
+    moved = [
+        choose_caption(caps, visit, 0, 0, k).source != choose_caption(caps, visit, 0, 9, k).source for k in KEYS[:500]
+    ]
+    assert all(same) and 0.4 < sum(moved) / 500 < 0.6
+
+
+def test_schedules() -> None:
+    lin = parse_schedule("linear:0.0:1.0:0.2:0.8")
+    assert (lin(0.0), lin(0.5), lin(1.0)) == (0.0, pytest.approx(0.5), 1.0)
+    step = parse_schedule("step:0.0@0,0.5@0.3,1.0@0.6")
+    assert [step(t) for t in (0.0, 0.29, 0.3, 0.7)] == [0.0, 0.0, 0.5, 1.0]
+    assert parse_schedule("constant:0.15")(0.9) == 0.15
+    for bad in ("linear:0:2", "step:0.5@0.2", "ramp:1", "linear:0.1"):
+        with pytest.raises(ValueError, match="--p-schedule"):
+            parse_schedule(bad)
+
+
+def test_pipeline_applies_the_schedule_per_epoch(tmp_path: Path) -> None:
+    pattern, keys = make_shards(tmp_path, n_shards=2, per_shard=100)
+    epoch = SharedEpoch(0)
+    sched = parse_schedule("step:0.0@0,1.0@0.5")
+    shares = []
+    for ep in range(2):
+        epoch.set(ep)
+        sources = [s for b in _pipeline(pattern, 1.0, epoch=epoch, schedule=sched, num_epochs=2) for s in b["sources"]]
+        shares.append(sum(s != ALT for s in sources) / len(sources))
+    assert shares[0] == 0.0 and shares[1] > 0.97  # a few samples fall back to alt-text
+
+
+def test_long_caption_policies() -> None:
+    text = "One two three. Four five six seven. Eight nine. Ten eleven twelve thirteen fourteen."
+    count = lambda t: len(t.split())  # noqa: E731
+    assert fit_caption(text, "head", count, 6) == text  # the tokenizer truncates
+    assert fit_caption(text, "sentences", count, 8) == "One two three. Four five six seven."
+    windows = {fit_caption(text, "random_window", count, 8, key=k) for k in KEYS[:50]}
+    assert all(count(w) <= 8 for w in windows) and len(windows) > 1
+    assert all(set(split_sentences(w)) <= set(split_sentences(text)) for w in windows)
+    assert fit_caption(text, "random_window", count, 8, key="k") == fit_caption(
+        text, "random_window", count, 8, key="k"
+    )
+
+
+def test_resuming_at_a_batch_reproduces_the_caption_choices(tmp_path: Path) -> None:
+    pattern, _ = make_shards(tmp_path, n_shards=4, per_shard=25)
+
+    def run() -> list[tuple]:
+        return [
+            tuple(zip(b["keys"], b["sources"], strict=True))
+            for b in make_loader(_pipeline(pattern, shuffle_buffer=30), 0)
+        ]
+
+    full, again = run(), run()
+    assert full == again  # a restarted epoch sees the same batches; skipping the first k resumes exactly
+    assert len(full) == 25
+
+
+def test_resampled_shards_keep_choices_deterministic(tmp_path: Path) -> None:
+    pattern, keys = make_shards(tmp_path, n_shards=2, per_shard=20)
+    pipe = wds.DataPipeline(
+        *caption_sample_stages(pattern, mixture=Mixture.from_p(0.5), seed=0, epoch=SharedEpoch(3), resampled=True),
+        wds.map(lambda s: (s["__key__"], s["caption_wanted"])),
+    )
+    drawn = {}
+    for key, wanted in list(torch.utils.data.DataLoader(pipe.with_epoch(200), batch_size=None, num_workers=2)):
+        assert drawn.setdefault(key, wanted) == wanted  # every visit of a key in an epoch gets the same draw
+    caps = {ALT: "a", "altogether": "s"}
+    assert all(choose_caption(caps, Mixture.from_p(0.5), 0, 3, k).source == w for k, w in drawn.items())
+    with pytest.raises(ValueError, match="batches_per_epoch"):
+        _pipeline(pattern, resampled=True)
+
+
+def test_stats_truncated_share() -> None:
+    summary = summarize_lengths(
+        {"alt": {"words": [3, 4], "tokens": [6, 8]}, "r3": {"words": [80, 90], "tokens": [70, 110]}}, 77
+    )
+    assert summary["alt"]["truncated_share"] == 0.0 and summary["r3"]["truncated_share"] == 0.5
