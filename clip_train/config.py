@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
+PRECISIONS = ("fp32", "amp_bf16", "amp")
+LOGGERS = ("tensorboard", "wandb", "none")
 
 
 @dataclass
@@ -33,19 +35,44 @@ class ClipTrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
-    precision: str = "fp32"  # fp32 | amp_bf16
-    workers: int = 1
+    precision: str = "fp32"  # fp32 | amp_bf16 | amp (fp16 with a GradScaler)
+    workers: int = 1  # DataLoader workers per rank
     shuffle_buffer: int = 2000
     checkpoint_every: int = 100
     keep_last: int = 2
     log_every: int = 10
-    device: str | None = None  # default: cuda if available, else cpu
+    device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
+    # Scale: batch_size is the global batch; each rank runs batch_size / (world_size * accum_freq).
+    accum_freq: int = 1  # micro-batches per optimizer step, open_clip's feature-cache accumulation
+    local_loss: bool = True  # ClipLoss: each rank scores its rows against all gathered columns
+    gather_with_grad: bool = True  # ClipLoss: all-gather keeps the graph (exact global gradient)
+    grad_checkpointing: bool = False  # model.set_grad_checkpointing(): trade compute for memory
+    torch_compile: bool = False  # torch.compile the model
+    grad_clip_norm: float | None = None
+    # Epoch length: steps per epoch = train_num_samples // batch_size on every rank (DDP needs equal
+    # counts). None: the data's known size (embedded testbed); unknown and one process: one pass.
+    train_num_samples: int | None = None
+    resampled: bool = False  # draw shards with replacement (fewer shards than ranks x workers)
+    # Logging and periodic quick zero-shot eval (rank 0 only).
+    logger: str = "tensorboard"  # comma list of tensorboard, wandb; or none
+    eval_every: int = 0  # steps between quick zero-shot evals; 0 = off
+    quick_eval_tasks: str | None = None  # comma list of eval task names; None = all of eval_tasks
     preset: str | None = None
 
     @property
     def steps(self) -> int:
         """Optimizer steps: seen pairs / global batch."""
         return max(1, self.samples_seen // self.batch_size)
+
+    def local_batch_size(self, world_size: int) -> int:
+        """Per-rank micro-batch; the global batch must split evenly over ranks and accumulation."""
+        parts = world_size * self.accum_freq
+        if self.batch_size % parts:
+            raise ValueError(
+                f"batch_size={self.batch_size} (global) is not divisible by world size {world_size} "
+                f"x accum_freq {self.accum_freq} = {parts}; set --set batch_size to a multiple of {parts}"
+            )
+        return self.batch_size // parts
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "steps": self.steps}
@@ -59,18 +86,31 @@ def _field_types() -> dict[str, Any]:
     return {f.name: f.type for f in dataclasses.fields(ClipTrainConfig)}
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
-    kind = _field_types()[key]
+    """Parse one value to its field's type; the message names the source file or flag and the key."""
+    kind = str(_field_types()[key])
     if value is None:
-        if "None" in str(kind):
+        if "None" in kind:
             return None
         raise ValueError(f"{source}: {key} cannot be empty")
+    base = kind.split("|")[0].strip()
     try:
-        if kind in ("int", int) or str(kind) == "int":
-            if isinstance(value, float) and not value.is_integer():
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in _BOOL_WORDS:
+                return _BOOL_WORDS[str(value).lower()]
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
-        if "float" in str(kind):
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
         return str(value)
     except (TypeError, ValueError):
@@ -121,7 +161,22 @@ def validate(cfg: ClipTrainConfig) -> None:
         raise ValueError(f"p={cfg.p} is outside [0, 1]")
     if cfg.batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
-    if cfg.precision not in ("fp32", "amp_bf16"):
-        raise ValueError(f"precision must be fp32 or amp_bf16, got {cfg.precision!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    for key in ("accum_freq", "samples_seen", "checkpoint_every", "log_every"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in ("workers", "eval_every", "keep_last", "warmup_steps"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.batch_size % cfg.accum_freq:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by accum_freq={cfg.accum_freq}")
+    if cfg.train_num_samples is not None and cfg.train_num_samples < cfg.batch_size:
+        raise ValueError(f"train_num_samples={cfg.train_num_samples} is less than one global batch ({cfg.batch_size})")
+    if cfg.resampled and cfg.train_num_samples is None:
+        raise ValueError("resampled=true needs train_num_samples (the epoch length); set --set train_num_samples=N")
+    bad = [x for x in cfg.logger.split(",") if x.strip() not in LOGGERS]
+    if bad:
+        raise ValueError(f"logger: {bad[0]!r} is not one of {', '.join(LOGGERS)}")
     if cfg.train_shards is None:
         raise ValueError("train_shards is not set: pass --set train_shards='/data/cc12m/{00000..01242}.tar'")

@@ -17,8 +17,9 @@ from caption_mixing.atomic import atomic_write_json
 from caption_mixing.provenance import config_hash, write_run_metadata
 from clip_train.checkpoint import load_checkpoint, load_model_state
 from clip_train.config import ClipTrainConfig
+from clip_train.distributed import barrier, init_distributed
 from clip_train.model import create_model
-from clip_train.train import resolve_device, train
+from clip_train.train import train
 
 TESTBED_NOTICE = "Embedded synthetic testbed: numbers exercise the suite and are not paper results."
 
@@ -27,18 +28,20 @@ class RunConflictError(RuntimeError):
     pass
 
 
+def load_testbed(testbed_dir: str | None = None):
+    """The embedded testbed: a folder the user points at is used as built (any size); otherwise
+    the default one is built or reused."""
+    from caption_mixing.testbed import Testbed, ensure_testbed
+
+    if testbed_dir and (Path(testbed_dir) / "testbed.json").exists():
+        return Testbed.load(testbed_dir)
+    return ensure_testbed(testbed_dir)
+
+
 def resolve_data(cfg: ClipTrainConfig, testbed_dir: str | None = None) -> tuple[str, dict[str, str], bool]:
     """(train shard pattern, eval tasks name->folder, uses_testbed) for a config."""
     uses_testbed = cfg.train_shards == "embedded" or cfg.eval_tasks == "embedded"
-    testbed = None
-    if uses_testbed:
-        from caption_mixing.testbed import Testbed, ensure_testbed
-
-        # A folder the user points at is used as built (any size); otherwise the default is built or reused.
-        if testbed_dir and (Path(testbed_dir) / "testbed.json").exists():
-            testbed = Testbed.load(testbed_dir)
-        else:
-            testbed = ensure_testbed(testbed_dir)
+    testbed = load_testbed(testbed_dir) if uses_testbed else None
     shards = testbed.train_shards if cfg.train_shards == "embedded" else cfg.train_shards
     if cfg.eval_tasks == "embedded":
         tasks = {name: str(path) for name, path in testbed.eval_tasks.items()}
@@ -75,7 +78,7 @@ def check_run_dir(run_dir: Path, cfg: ClipTrainConfig, force: bool) -> str:
 def evaluate_checkpoint(cfg: ClipTrainConfig, ckpt: Path, tasks: dict[str, str]) -> dict:
     from eval.zeroshot import evaluate_tasks, summarize
 
-    device = resolve_device(cfg)
+    device = init_distributed(cfg.device).device
     model, _, preprocess_val, tokenizer = create_model(cfg.model, device=device)
     load_model_state(model, load_checkpoint(ckpt), cfg.model, ckpt)
     results = evaluate_tasks(model, tokenizer, preprocess_val, tasks, device=device)
@@ -83,19 +86,30 @@ def evaluate_checkpoint(cfg: ClipTrainConfig, ckpt: Path, tasks: dict[str, str])
 
 
 def run_point(cfg: ClipTrainConfig, out: Path, testbed_dir: str | None = None, force: bool = False) -> dict:
-    """Train and evaluate one p; return the metrics dict (also written to ``metrics.json``)."""
+    """Train and evaluate one p; return the metrics dict (also written to ``metrics.json``).
+
+    Under torchrun/Slurm every rank calls this: all ranks train, rank 0 alone writes the run
+    folder and evaluates; the other ranks return ``{"rank": r, "steps": n}``.
+    """
+    env = init_distributed(cfg.device)
     run_dir = run_dir_for(out, cfg)
     state = check_run_dir(run_dir, cfg, force)
+    barrier(env)  # every rank has read the folder's state before rank 0 writes to it
     if state == "done":
         print(f"{run_dir}: finished earlier with the same config; reusing its metrics.json")
         return json.loads((run_dir / "metrics.json").read_text())
     shards, tasks, uses_testbed = resolve_data(cfg, testbed_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
+    num_samples = load_testbed(testbed_dir).num_train if cfg.train_shards == "embedded" else None
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
+    barrier(env)
 
     t0 = time.perf_counter()
-    ckpt = train(cfg, run_dir, shards, cfg.sidecar_dir)
+    ckpt = train(cfg, run_dir, shards, cfg.sidecar_dir, num_samples=num_samples, eval_tasks=tasks)
     train_s = time.perf_counter() - t0
+    if not env.is_main:
+        return {"rank": env.rank, "steps": cfg.steps}
     t1 = time.perf_counter()
     metrics = evaluate_checkpoint(cfg, ckpt, tasks)
     eval_s = time.perf_counter() - t1
@@ -110,7 +124,8 @@ def run_point(cfg: ClipTrainConfig, out: Path, testbed_dir: str | None = None, f
         mixing=train_state["mixing"],
         train_seconds=round(train_s, 1),
         eval_seconds=round(eval_s, 1),
-        device=resolve_device(cfg),
+        device=env.device,
+        world_size=env.world_size,
         torch_threads=torch.get_num_threads(),
     )
     if uses_testbed:

@@ -27,3 +27,13 @@ def create_model(name: str, device: str = "cpu", pretrained: str | None = None):
         name, pretrained=pretrained, device=device
     )
     return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+
+
+def create_model_meta(name: str):
+    """Build ``name`` on the meta device: shapes and parameter counts without allocating weights
+    (checks a paper-scale preset on a laptop)."""
+    import torch
+
+    check_model_name(name)
+    with torch.device("meta"):
+        return open_clip.create_model(name, device="meta")
