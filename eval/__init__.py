@@ -1,7 +1,9 @@
 """Zero-shot evaluation (clip_benchmark local-WebDataset folders) and sweep reports.
 
 This package knows nothing about training: it takes a model, a tokenizer and an eval transform
-(``eval.zeroshot``), or the ``metrics.json`` files runs leave behind (``eval.report``).
+(``eval.zeroshot``, ``eval.runner``), a checkpoint file (``python -m eval zeroshot``), or the
+``metrics.json`` files runs leave behind (``eval.report``, ``eval.paper_report``). The paper's 26
+tasks, retrieval and DataComp groups live in ``eval.tasks``; ``python -m eval --help`` lists the commands.
 """
 
 from eval.report import format_table, load_run, write_sweep_report

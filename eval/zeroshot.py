@@ -44,18 +44,20 @@ def is_retrieval_dataset(root: str | Path) -> bool:
     return type_file.is_file() and type_file.read_text().strip().lower() == "retrieval"
 
 
-def _shard_paths(root: Path) -> list[Path]:
-    """The test shards clip_benchmark will open, checked up front so errors name the path."""
-    split_dir = root / SPLIT
+def _shard_paths(root: Path, split: str = SPLIT) -> list[Path]:
+    """The shards of ``split`` clip_benchmark will open, checked up front so errors name the path."""
+    split_dir = root / split
     nshards_file = split_dir / "nshards.txt"
+    if split_dir.is_dir() and not any(split_dir.iterdir()):
+        raise ValueError(f"shard folder {split_dir} is empty: no nshards.txt and no .tar shards")
     if not nshards_file.is_file():
-        raise ValueError(f"{nshards_file} is missing; a clip_benchmark wds folder needs {SPLIT}/nshards.txt")
+        raise ValueError(f"{nshards_file} is missing; a clip_benchmark wds folder needs {split}/nshards.txt")
     try:
         nshards = int(nshards_file.read_text().strip())
     except ValueError as e:
         raise ValueError(f"{nshards_file} does not hold an integer shard count") from e
     if nshards < 1:
-        raise ValueError(f"{nshards_file} says {nshards} shards; the test split {split_dir} is empty")
+        raise ValueError(f"{nshards_file} says {nshards} shards; the {split} split {split_dir} is empty")
     shards = [split_dir / f"{i}.tar" for i in range(nshards)]
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
@@ -87,13 +89,13 @@ def _count_retrieval_pairs(shards: Iterable[Path]) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _build_dataset(root: Path, preprocess: Any, task: str) -> Any:
+def _build_dataset(root: Path, preprocess: Any, task: str, split: str = SPLIT) -> Any:
     """clip_benchmark's local-wds loader; its unset shardshuffle warning is moot (None = no shuffle)."""
     from clip_benchmark.datasets.builder import build_dataset
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"WebDataset\(shardshuffle=\.\.\.\) is None")
-        return build_dataset(f"wds/{root.name}", root=str(root), transform=preprocess, split=SPLIT, task=task)
+        return build_dataset(f"wds/{root.name}", root=str(root), transform=preprocess, split=split, task=task)
 
 
 def _autocast_device(device: str) -> str:
@@ -143,7 +145,7 @@ def evaluate_classification(
     from sklearn.metrics import balanced_accuracy_score
 
     root = Path(root)
-    _shard_paths(root)
+    num_workers = min(num_workers, len(_shard_paths(root)))  # webdataset gives each worker whole shards
     classnames_file = root / CLASSNAMES_FILE
     _read_lines(classnames_file, "one class name per label id")
     templates = [t for t in _read_lines(root / TEMPLATES_FILE, "prompt templates with {c}") if t]
@@ -195,6 +197,7 @@ def evaluate_retrieval(
     num_workers: int = 0,
     amp: bool = False,
     recall_k: Iterable[int] = (1, 5, 10),
+    split: str = SPLIT,
 ) -> dict[str, Any]:
     """Image/text recall@k with clip_benchmark's ``zeroshot_retrieval.evaluate`` (fine on numpy 2.4).
 
@@ -207,14 +210,16 @@ def evaluate_retrieval(
     from clip_benchmark.metrics.zeroshot_retrieval import evaluate
 
     root = Path(root)
-    n_images, n_texts = _count_retrieval_pairs(_shard_paths(root))
+    shards = _shard_paths(root, split)
+    num_workers = min(num_workers, len(shards))  # webdataset gives each worker whole shards
+    n_images, n_texts = _count_retrieval_pairs(shards)
     if n_images == 0 or n_texts == 0:
-        raise ValueError(f"no image-caption pairs in {root / SPLIT}")
+        raise ValueError(f"no image-caption pairs in {root / split}")
     ks = sorted({1, *(int(k) for k in recall_k)})  # R@1 always: it feeds the main metric
     if ks[0] < 1:
         raise ValueError(f"recall_k must be positive integers, got {tuple(recall_k)}")
 
-    ds = _build_dataset(root, preprocess, "zeroshot_retrieval")
+    ds = _build_dataset(root, preprocess, "zeroshot_retrieval", split)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=image_captions_collate_fn)
     dev = _autocast_device(device)
     if ks[-1] <= min(n_images, n_texts):

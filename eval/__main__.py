@@ -1,0 +1,174 @@
+"""``python -m eval {tasks,prepare,zeroshot,report}``: the evaluation suite's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _json_safe(obj: object) -> object:
+    """NaN -> null (e.g. acc5 below 5 classes, an empty group), so the files are strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from eval.tasks import format_registry
+
+    print(format_registry(args.dataset_root))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from eval.prepare import prepare
+
+    info = prepare(args.task, args.source, args.out)
+    print(json.dumps({k: v for k, v in info.items() if k != "missing_videos"}))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    from caption_mixing.atomic import atomic_write_json
+    from eval.classifier_cache import ClassifierCache
+    from eval.model_loading import load_model
+    from eval.runner import run_suite
+    from eval.tasks import local_task, resolve_tasks
+
+    extra = [local_task(spec) for spec in args.extra_task]
+    spec = args.tasks if args.tasks is not None else ("" if extra else "paper26")
+    tasks = (resolve_tasks(spec) if spec else []) + extra  # fail on typos before loading anything
+    if not Path(args.dataset_root).is_dir():
+        raise ValueError(f"--dataset-root {args.dataset_root}: not a folder")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, preprocess, model_id = load_model(
+        args.model, args.checkpoint, device=device, config_dir=args.model_config_dir
+    )
+    out = Path(args.out)
+    cache = ClassifierCache(model_id, args.cache_dir or out / "classifier_cache")
+    res = run_suite(
+        model,
+        tokenizer,
+        preprocess,
+        tasks,
+        args.dataset_root,
+        cache=cache,
+        out_dir=out,
+        device=device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        download=args.download,
+        keep_going=args.keep_going,
+    )
+    meta = {
+        "model": args.model,
+        "checkpoint": str(args.checkpoint),
+        "model_id": model_id,
+        "dataset_root": str(args.dataset_root),
+        "device": device,
+    }
+    atomic_write_json(out / "summary.json", _json_safe({**meta, **res["summary"]}))
+    if args.p is not None:
+        label = args.label or f"p={args.p:g}"
+        atomic_write_json(out / "metrics.json", _json_safe({"p": args.p, "label": label, **meta, **res}))
+    s = res["summary"]
+    line = (
+        f"average {100 * s['average']:.2f} (avg over {s['average_over']} tasks)"
+        if s["num_tasks_averaged"]
+        else "no task ran"
+    )
+    if "paper26" in s:
+        line += f"; 26-task average over {s['paper26']['average_over']}"
+    print(line)
+    for group, info in s["datacomp_groups"].items():
+        if info["num_members"]:
+            print(f"DataComp {group}: {100 * info['average']:.2f} (over {info['coverage']} members)")
+    print(f"wrote {out / 'summary.json'} and {out / 'tasks'}/*.json")
+    return 1 if s["errors"] else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from eval.paper_report import load_runs, write_report
+
+    runs = load_runs(args.runs_dir)
+    out = Path(args.out) if args.out else Path(args.runs_dir) / "report"
+    paths = write_report(runs, out, baseline=args.baseline, title=args.title, notice=args.notice)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tasks", help="print the task registry: name, metric, split, where data is looked for")
+    p.add_argument("--dataset-root", default=None, help="show paths under this root")
+    p.set_defaults(func=_cmd_tasks)
+
+    p = sub.add_parser("prepare", help="convert CUB / UCF101 / Kinetics700 / HatefulMemes to local wds")
+    p.add_argument("task", help="cub, ucf101, kinetics700 or hateful_memes")
+    p.add_argument("--source", required=True, help="the dataset in its original layout")
+    p.add_argument("--out", required=True, help="output folder, normally DATASET_ROOT/wds_<task>")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("zeroshot", help="evaluate one checkpoint on a task list")
+    p.add_argument("--checkpoint", required=True, help="open_clip checkpoint file (state_dict)")
+    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu")
+    p.add_argument("--model-config-dir", default=None, help="folder of extra open_clip model config JSONs")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="paper26 | retrieval | datacomp | comma-separated names "
+        "(default paper26, or none when --extra-task is given)",
+    )
+    p.add_argument(
+        "--extra-task",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also evaluate a local wds folder outside the registry (repeatable)",
+    )
+    p.add_argument("--dataset-root", required=True, help="folder holding wds_<name> (and builder) dataset folders")
+    p.add_argument("--out", required=True, help="output folder for tasks/*.json and summary.json")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (AMP on cuda)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cache-dir", default=None, help="classifier cache (default OUT/classifier_cache)")
+    p.add_argument("--download", action="store_true", help="let clip_benchmark builders download missing data")
+    p.add_argument("--keep-going", action="store_true", help="record a failing task as an error and continue")
+    p.add_argument("--p", type=float, default=None, help="also write OUT/metrics.json for reports, with this p")
+    p.add_argument("--label", default=None, help="run label in reports (default p=<p>)")
+    p.set_defaults(func=_cmd_zeroshot)
+
+    p = sub.add_parser("report", help="Table 6 / Table 7 / Figure 4 for a sweep folder")
+    p.add_argument("runs_dir", help="folder of run folders, each with metrics.json")
+    p.add_argument("--out", default=None, help="default RUNS_DIR/report")
+    p.add_argument("--baseline", default=None, help="label of the row deltas are taken against")
+    p.add_argument("--title", default="Caption-mixing sweep")
+    p.add_argument("--notice", default=None, help="a line printed under the title (e.g. 'testbed numbers')")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Zero-shot classifier (class-embedding matrix) cache.
+
+Encoding every class x template through the text tower is the costly, repeated part of zero-shot
+evaluation (ImageNet: 1000 x 80 prompts). The matrix depends only on the model weights, the class
+names and the templates, so it is keyed by exactly those and reused across runs and tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from caption_mixing.atomic import atomic_write_bytes
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Content hash of a checkpoint, so a retrained file at the same path never reuses stale classifiers."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def classifier_key(model_id: str, task: str, classnames: list[str], templates: list[str]) -> str:
+    """Stable key over everything the classifier depends on."""
+    doc = json.dumps({"model": model_id, "task": task, "classnames": classnames, "templates": templates})
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+class ClassifierCache:
+    """In-memory + optional on-disk cache of classifiers (``{cache_dir}/{task}-{key}.pt``)."""
+
+    def __init__(self, model_id: str, cache_dir: str | Path | None = None) -> None:
+        self.model_id = model_id
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._mem: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def get(
+        self, task: str, classnames: list[str], templates: list[str], compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """The cached classifier, or ``compute()`` stored under the key when absent."""
+        key = classifier_key(self.model_id, task, classnames, templates)
+        if key in self._mem:
+            self.hits += 1
+            return self._mem[key]
+        path = self.cache_dir / f"{task.replace('/', '-')}-{key[:24]}.pt" if self.cache_dir else None
+        if path is not None and path.is_file():
+            clf = torch.load(path, map_location="cpu", weights_only=True)
+            if clf.shape[1] != len(classnames):
+                raise ValueError(f"classifier cache {path} has {clf.shape[1]} classes, expected {len(classnames)}")
+            self.hits += 1
+        else:
+            clf = compute().float().cpu()
+            self.misses += 1
+            if path is not None:
+                buf = io.BytesIO()
+                torch.save(clf, buf)
+                atomic_write_bytes(path, buf.getvalue())
+        self._mem[key] = clf
+        return clf

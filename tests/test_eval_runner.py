@@ -1,0 +1,145 @@
+"""`python -m eval zeroshot`: metrics per registry task, missing tasks, summaries, caching and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from eval.__main__ import main
+from eval.classifier_cache import ClassifierCache
+from eval.metrics import classification_metrics
+from eval.runner import run_suite
+from eval.tasks import resolve_tasks
+from eval.zeroshot import evaluate_classification, evaluate_retrieval
+from tests.test_eval import TEMPLATES, _jpeg, _write_wds, make_classification, make_retrieval
+from tests.test_eval_support import TINY_MODEL, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runner")
+    config_dir, ckpt = write_tiny_model(base)
+    root = base / "data"
+    make_classification(root / "wds_cifar10")
+    make_classification(root / "wds_fgvc_aircraft", seed=2)
+    make_classification(root / "wds_kinetics700", seed=3)
+    make_retrieval(root / "wds_flickr30k")
+    rng = np.random.default_rng(4)  # hateful memes: 2 classes, both present
+    _write_wds(root / "wds_hateful_memes", [(f"{i}", _jpeg(rng, [(200, 30, 30), (30, 30, 200)][i % 2]),
+                                            ("cls", str((i // 3) % 2).encode())) for i in range(16)])  # fmt: skip
+    return base, config_dir, ckpt, root
+
+
+def _cli(setup, out: Path, tasks: str, *extra: str) -> int:
+    base, config_dir, ckpt, root = setup
+    return main(["zeroshot", "--checkpoint", str(ckpt), "--model", TINY_MODEL, "--model-config-dir", str(config_dir),
+                 "--tasks", tasks, "--dataset-root", str(root), "--out", str(out), "--num-workers", "0",
+                 "--batch-size", "7", *extra])  # fmt: skip
+
+
+def _model(setup):
+    _, _, ckpt, _ = setup
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(ckpt))
+    return model.eval(), open_clip.get_tokenizer(TINY_MODEL), preprocess
+
+
+def test_zeroshot_cli_metrics_missing_and_summary(setup, tmp_path):
+    _, _, _, root = setup
+    out = tmp_path / "out"
+    tasks = "cifar10,fgvc_aircraft,kinetics700,hateful_memes,cub,flickr30k,mscoco"
+    assert _cli(setup, out, tasks, "--p", "0.15") == 0
+    res = {p.stem: json.loads(p.read_text()) for p in (out / "tasks").glob("*.json")}
+    assert set(res) == set(tasks.split(","))
+    model, tok, pre = _model(setup)
+    for name, key in [("cifar10", "acc1"), ("fgvc_aircraft", "mean_per_class_recall")]:
+        ref = evaluate_classification(model, tok, pre, root / f"wds_{name}")
+        assert res[name]["main_metric"] == key and res[name][key] == pytest.approx(ref[key])
+    ref = evaluate_classification(model, tok, pre, root / "wds_kinetics700")
+    assert res["kinetics700"]["top1_top5_mean"] == pytest.approx((ref["acc1"] + ref["acc5"]) / 2)
+    assert res["kinetics700"]["main_metric"] == "top1_top5_mean"
+    ref = evaluate_retrieval(model, tok, pre, root / "wds_flickr30k")
+    assert res["flickr30k"]["mean_recall@1"] == pytest.approx(ref["mean_recall@1"])
+    assert res["cub"] == {"task": "cub", "status": "missing", "path": str(root / "wds_cub"),
+                          "looked_for": [str(root / "wds_cub")], "main_metric": "acc1"}  # fmt: skip
+    # HatefulMemes: AUC of logit[1] - logit[0] with the folder's prompt files
+    assert res["hateful_memes"]["prompt_sources"]["templates"].endswith("templates.json")
+    assert 0.0 <= res["hateful_memes"]["roc_auc"] <= 1.0 and res["hateful_memes"]["num_classes"] == 2
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["average_over"] == "5/7" and sorted(summary["missing"]) == ["cub", "mscoco"]
+    assert summary["paper26"]["average_over"] == "4/26" and "cub" in summary["paper26"]["missing"]
+    vals = [res[t][res[t]["main_metric"]] for t in ("cifar10", "fgvc_aircraft", "kinetics700", "hateful_memes")]
+    assert summary["paper26"]["average"] == pytest.approx(sum(vals) / 4)
+    ret = summary["datacomp_groups"]["Retrieval"]
+    assert ret["coverage"] == "1/3" and ret["average"] == pytest.approx(res["flickr30k"]["mean_recall@1"])
+    assert summary["classifier_cache"] == {"hits": 0, "misses": 4}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["p"] == 0.15 and metrics["label"] == "p=0.15" and set(metrics["tasks"]) == set(res)
+
+
+def test_hateful_auc_is_logit_difference_auc():
+    logits = torch.tensor([[1.0, 2.0], [3.0, 0.5], [0.2, 0.1], [0.0, 4.0], [2.0, 2.5]])
+    target = torch.tensor([1, 0, 0, 1, 0])
+    res = classification_metrics(logits, target, "roc_auc")
+    assert res["roc_auc"] == pytest.approx(roc_auc_score(target.numpy(), (logits[:, 1] - logits[:, 0]).numpy()))
+    assert res["roc_auc"] != pytest.approx(roc_auc_score(target.numpy(), logits[:, 1].numpy()))
+    with pytest.raises(ValueError, match="both hateful and non-hateful"):
+        classification_metrics(logits, torch.zeros(5, dtype=torch.long), "roc_auc")
+
+
+def test_classifier_cache_keys_and_reuse(setup, tmp_path):
+    _, _, _, root = setup
+    model, tok, pre = _model(setup)
+    cache = ClassifierCache("model@sha256:x", tmp_path / "cache")
+    tasks = resolve_tasks("cifar10")
+    first = run_suite(model, tok, pre, tasks, root, cache=cache, batch_size=8)
+    assert (cache.hits, cache.misses) == (0, 1) and len(list((tmp_path / "cache").glob("cifar10-*.pt"))) == 1
+    fresh = ClassifierCache("model@sha256:x", tmp_path / "cache")  # a new process: read back from disk
+    again = run_suite(model, tok, pre, tasks, root, cache=fresh, batch_size=8)
+    assert (fresh.hits, fresh.misses) == (1, 0)
+    assert again["tasks"]["cifar10"]["acc1"] == first["tasks"]["cifar10"]["acc1"]
+    other = ClassifierCache("other-model@sha256:y", tmp_path / "cache")
+    calls = []
+    other.get("cifar10", ["a"], TEMPLATES, lambda: calls.append(1) or torch.zeros(4, 1))
+    other.get("cifar10", ["a"], TEMPLATES[:1], lambda: calls.append(1) or torch.zeros(4, 1))
+    assert len(calls) == 2, "model id and templates are part of the key"
+
+
+def test_bad_inputs_name_what_is_wrong(setup, tmp_path, capsys):
+    base, config_dir, ckpt, root = setup
+    # a task name that does not exist
+    assert _cli(setup, tmp_path / "o1", "imagenet1k,flowerz") == 2
+    assert "unknown task 'flowerz'; did you mean flowers" in capsys.readouterr().err
+    # a checkpoint that does not fit the model name
+    other = json.loads((config_dir / f"{TINY_MODEL}.json").read_text())
+    other["embed_dim"] = 48
+    cfg2 = tmp_path / "cfg2"
+    cfg2.mkdir()
+    (cfg2 / "EvalTest-Other.json").write_text(json.dumps(other))
+    code = main(["zeroshot", "--checkpoint", str(ckpt), "--model", "EvalTest-Other", "--model-config-dir", str(cfg2),
+                 "--tasks", "cifar10", "--dataset-root", str(root), "--out", str(tmp_path / "o2")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"--checkpoint {ckpt} does not fit --model EvalTest-Other" in err
+    # an empty shard folder
+    broken = tmp_path / "broken_root"
+    shutil.copytree(root / "wds_cifar10", broken / "wds_cifar10")
+    for f in (broken / "wds_cifar10" / "test").iterdir():
+        f.unlink()
+    model, tok, pre = _model(setup)
+    with pytest.raises(ValueError, match=f"shard folder {broken / 'wds_cifar10' / 'test'} is empty"):
+        run_suite(model, tok, pre, resolve_tasks("cifar10"), broken, cache=ClassifierCache("m"))
+    # class names whose count does not match the labels (labels reach 5, 4 names)
+    (broken / "wds_cifar10").rename(broken / "gone")
+    make_classification(broken / "wds_cifar10", classnames=["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match=r"wds_cifar10/classnames.txt has 4 lines but the test labels span 0..5"):
+        run_suite(model, tok, pre, resolve_tasks("cifar10"), broken, cache=ClassifierCache("m"))
+    # --keep-going records the error instead and the CLI exits non-zero
+    res = run_suite(model, tok, pre, resolve_tasks("cifar10"), broken, cache=ClassifierCache("m"), keep_going=True)
+    assert res["tasks"]["cifar10"]["status"] == "error" and "classnames.txt" in res["summary"]["errors"]["cifar10"]
