@@ -1,0 +1,123 @@
+"""Text-to-image command line: ``python -m t2i {run,train,precompute,sample,export} ...``.
+
+python -m t2i run --p 1.0                          # embedded preset end to end (train, export, evaluate)
+python -m t2i train --preset dit-xl-2 --set train_latents=/data/lat/{00000..01242}.tar ...
+accelerate launch -m t2i train --preset dit-xl-2 ...   # multi-GPU / multi-node
+python -m t2i precompute --shards '/data/cc12m/{00000..01242}.tar' --vae /models/sd-vae --out /data/lat
+python -m t2i sample --pipeline runs/t2i-embedded-p1/pipeline --prompts prompts.txt --out samples/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    from t2i.config import list_presets
+
+    p.add_argument("--preset", default="embedded", help=f"one of {', '.join(list_presets())} or a YAML file")
+    p.add_argument("--p", default=None, help="synthetic-caption ratio in [0, 1] (default: the preset's)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--out", default="runs", help="folder that receives the run folder")
+    p.add_argument("--testbed-dir", default=None, help="where the embedded testbed is built/cached")
+    p.add_argument("--force", action="store_true", help="re-run even if finished or made by another config")
+
+
+def _load(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from caption_mixing.mixing import parse_p
+    from t2i.config import load_config, parse_overrides
+
+    try:
+        overrides = parse_overrides(args.overrides)
+        if args.p is not None:
+            overrides["p"] = parse_p(args.p, "--p")
+        return load_config(args.preset, overrides)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m t2i", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train, export the pipeline and evaluate one p (t2i.experiment.run_point)")
+    _config_args(run)
+    train = sub.add_parser("train", help="train only (resumes in the same run folder); exports the pipeline")
+    _config_args(train)
+    pre = sub.add_parser("precompute", help="image shards -> VAE latent shards (keys, alt-text, sidecar link)")
+    pre.add_argument("--shards", required=True, help="image shard brace pattern(s), joined by ::")
+    pre.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder")
+    pre.add_argument("--out", required=True, help="folder for latent shards (same file names) and latents.json")
+    pre.add_argument("--resolution", type=int, default=256, help="image side in pixels before encoding")
+    pre.add_argument("--batch-size", type=int, default=64)
+    pre.add_argument("--sidecar-dir", default=None, help="sidecar folder (default: the image shards' folder)")
+    pre.add_argument("--device", default=None)
+    sample = sub.add_parser("sample", help="generate images from a pipeline folder")
+    sample.add_argument("--pipeline", required=True, help="diffusers pipeline folder (run_dir/pipeline)")
+    sample.add_argument("--prompts", required=True, help="text file (one prompt per line), .json list or .jsonl")
+    sample.add_argument("--out", required=True, help="output folder for PNGs, prompts.jsonl and grid.png")
+    sample.add_argument("--steps", type=int, default=20, help="DPM-Solver steps")
+    sample.add_argument("--guidance-scale", type=float, default=4.5, help="classifier-free guidance scale")
+    sample.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    sample.add_argument("--device", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "precompute":
+        from t2i.precompute import precompute
+
+        manifest = precompute(
+            args.shards, Path(args.out), args.vae, args.resolution, args.batch_size, args.sidecar_dir, args.device
+        )
+        print(f"latents written; manifest: {manifest}")
+        return 0
+    if args.command == "sample":
+        from t2i.sample import sample_to_folder
+
+        paths = sample_to_folder(
+            Path(args.pipeline),
+            Path(args.prompts),
+            Path(args.out),
+            args.steps,
+            args.guidance_scale,
+            args.seed,
+            args.device,
+        )
+        print(f"{len(paths)} images in {args.out}")
+        return 0
+    cfg = _load(args, parser)
+    from t2i import experiment
+
+    if args.command == "run":
+        metrics = experiment.run_point(cfg, Path(args.out), args.testbed_dir, args.force)
+        from t2i.report import format_table
+
+        print(format_table([metrics]))
+        if "notice" in metrics:
+            print(metrics["notice"])
+        return 0
+    # train: same run folder as `run`, without the evaluation
+    from caption_mixing.provenance import write_run_metadata
+    from t2i.train import train as train_fn
+
+    run_dir = experiment.run_dir_for(Path(args.out), cfg)
+    experiment.check_run_dir(run_dir, cfg, args.force)
+    res = experiment.resolve(cfg, args.testbed_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
+    ckpt = train_fn(cfg, run_dir, res.data, res.vae, res.text_encoder, res.text_encoder_model)
+    from accelerate.state import PartialState
+
+    if PartialState().is_main_process:
+        out = experiment.export_run_pipeline(cfg, run_dir, ckpt, res)
+        print(json.dumps({"checkpoint": str(ckpt), "pipeline": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Text-to-image training config: a flat dataclass filled from a preset file, then from overrides.
+
+Mirrors ``clip_train.config``: presets are plain YAML in ``t2i/presets`` so two setups can be
+diffed line by line; unknown keys get the closest known names; errors name the file or flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+EMBEDDED = "embedded"
+
+
+@dataclass
+class T2IConfig:
+    # --- transformer (diffusers PixArtTransformer2DModel = text-conditioned DiT) ---
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    patch_size: int = 2
+    latent_size: int = 16  # latent side = resolution / VAE factor
+    latent_channels: int = 4
+    activation_fn: str = "gelu-approximate"  # GELU-tanh, as DiT
+    learned_sigma: bool = False  # out_channels 2x; the sigma half is trained with the VLB term
+    # --- frozen parts: local paths or "embedded" (built by the suite on the testbed) ---
+    resolution: int = 64
+    vae: str = EMBEDDED  # diffusers AutoencoderKL folder (config.json + weights)
+    text_encoder: str = EMBEDDED  # HF folder (text_encoder/ + tokenizer/) or an open_clip checkpoint file
+    text_encoder_model: str | None = None  # open_clip model name when text_encoder is an open_clip checkpoint
+    max_sequence_length: int = 64  # tokens the text encoder sees (77 for CLIP, 120 for PixArt's T5)
+    # --- data ---
+    train_shards: str | None = EMBEDDED  # image shards: brace pattern(s) joined by "::", or "embedded"
+    train_latents: str | None = None  # precomputed latent shards (python -m t2i precompute); used instead of images
+    sidecar_dir: str | None = None  # synthetic-caption sidecars; default: beside the (image) shards
+    holdout_shards: str | None = EMBEDDED  # held-out image shards whose captions are the eval prompts
+    dataset_size: int | None = None  # samples per epoch, to turn epochs into steps (embedded: from the testbed)
+    synthetic_source: str = "altogether"
+    p: float = 1.0
+    seed: int = 0
+    # --- optimisation (paper Table 11; PixArt's AdamW wd 0.03, EMA 0.9999) ---
+    batch_size: int = 64  # global batch
+    epochs: float = 24.0
+    max_steps: int | None = None  # overrides epochs when set
+    lr: float = 2e-5
+    warmup_steps: int = 1000
+    weight_decay: float = 0.03
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    caption_dropout: float = 0.1  # share of samples trained with the empty prompt (for CFG)
+    precision: str = "fp32"  # fp32 | bf16
+    gradient_checkpointing: bool = False
+    # --- diffusion (DDPM linear schedule, epsilon prediction) ---
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # --- loader, checkpoints, logging ---
+    workers: int = 1
+    shuffle_buffer: int = 1000
+    checkpoint_every: int = 200
+    keep_last: int = 2
+    log_every: int = 10
+    device: str | None = None  # default: cuda if available, else cpu
+    # --- evaluation (Table 5: CLIP similarity with original and synthetic prompt) ---
+    eval_prompts: int = 32  # held-out samples; each gives one alt-text and one synthetic prompt
+    eval_clip_model: str = EMBEDDED  # open_clip model name, or "embedded" (the testbed CLIP)
+    eval_clip_checkpoint: str | None = None  # local open_clip checkpoint for eval_clip_model
+    fid_inception_weights: str | None = None  # local FID Inception weights; FID is skipped without them
+    sample_steps: int = 20
+    guidance_scale: float = 4.5
+    sample_seed: int = 0
+    grid_prompts: int = 8
+    # --- embedded components (only used when vae / text_encoder / eval_clip_model are "embedded") ---
+    embedded_vae_steps: int = 300
+    embedded_clip_samples: int = 51200
+    embedded_clip_p: float = 0.5
+    preset: str | None = None
+
+    @property
+    def out_channels(self) -> int:
+        return self.latent_channels * (2 if self.learned_sigma else 1)
+
+    def steps_for(self, dataset_size: int | None) -> int:
+        """Optimizer steps: ``max_steps``, else epochs x samples / global batch."""
+        if self.max_steps:
+            return self.max_steps
+        n = self.dataset_size or dataset_size
+        if not n:
+            raise ValueError("set dataset_size (samples per epoch) or max_steps to know how long to train")
+        return max(1, math.ceil(self.epochs * n / self.batch_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _field_types() -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(T2IConfig)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    kind = _field_types()[key]
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ValueError(f"{source}: {key} cannot be empty")
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: {key}={value!r} is not a valid {kind}") from None
+
+
+def _check_keys(keys: list[str], source: str) -> None:
+    known = _field_types()
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"{source}: unknown config key {key!r}{hint}")
+
+
+def load_config(preset: str = EMBEDDED, overrides: dict[str, Any] | None = None) -> T2IConfig:
+    """Resolve a preset (name in t2i/presets or a YAML path) plus overrides."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise ValueError(f"--preset: {preset!r} is neither a preset ({', '.join(list_presets())}) nor a YAML file")
+    raw = yaml.safe_load(path.read_text()) or {}
+    _check_keys(list(raw), str(path))
+    values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
+    overrides = overrides or {}
+    _check_keys(list(overrides), "--set")
+    values.update({k: _coerce(k, v, "--set") for k, v in overrides.items()})
+    values["preset"] = preset
+    cfg = T2IConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-4", "workers=4"]`` -> dict, values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set: {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def validate(cfg: T2IConfig) -> None:
+    """Fail at config time, naming the key, rather than deep inside diffusers."""
+    if not 0.0 <= cfg.p <= 1.0:
+        raise ValueError(f"p={cfg.p} is outside [0, 1]")
+    if not 0.0 <= cfg.caption_dropout < 1.0:
+        raise ValueError(f"caption_dropout={cfg.caption_dropout} is outside [0, 1)")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
+    if cfg.latent_size % cfg.patch_size:
+        raise ValueError(f"latent_size={cfg.latent_size} is not divisible by patch_size={cfg.patch_size}")
+    if cfg.batch_size <= 0 or cfg.batch_size % cfg.grad_accum:
+        raise ValueError(f"batch_size={cfg.batch_size} must be positive and divisible by grad_accum={cfg.grad_accum}")
+    if cfg.train_shards is None and cfg.train_latents is None:
+        raise ValueError(
+            "neither train_shards nor train_latents is set: pass --set train_latents='/data/lat/{00000..01242}.tar'"
+        )
+    if cfg.text_encoder != EMBEDDED and Path(cfg.text_encoder).is_file() and not cfg.text_encoder_model:
+        raise ValueError(
+            f"text_encoder={cfg.text_encoder!r} is an open_clip checkpoint file: set text_encoder_model too"
+        )

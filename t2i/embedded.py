@@ -1,0 +1,171 @@
+"""Small frozen components the suite builds itself for the embedded preset (nothing is downloaded).
+
+* a tiny ``AutoencoderKL`` (SD layout, factor 4) trained briefly on the testbed images;
+* a CLIP trained on the testbed with ``clip_train`` (its text tower is the text encoder, exported
+  as a ``CLIPTextModel`` folder; the whole model is the default scoring CLIP).
+
+They go through the same loaders as real components (``load_vae``, ``load_text_encoder``), and are
+cached next to the testbed by a hash of what determines them, so a sweep builds them once.
+Evaluation with the same CLIP whose text tower conditions the generator is a known bias of the
+embedded default; pass eval_clip_model/eval_clip_checkpoint for an independent scorer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from diffusers import AutoencoderKL
+from tqdm import tqdm
+
+from caption_mixing.atomic import atomic_write_json
+from caption_mixing.shards import expand_shards
+from t2i.config import T2IConfig
+
+EMBEDDED_CLIP_MODEL = "EmbeddedCLIP-Tiny"
+DONE = "components.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedComponents:
+    root: Path
+    vae: Path  # AutoencoderKL folder
+    text_encoder: Path  # folder with text_encoder/ + tokenizer/
+    clip_checkpoint: Path  # open_clip checkpoint of EMBEDDED_CLIP_MODEL
+    clip_model: str = EMBEDDED_CLIP_MODEL
+
+
+def embedded_split(train_pattern: str) -> tuple[list[str], list[str]]:
+    """Testbed shards -> (train shards, held-out shards): the last shard is held out for evaluation."""
+    urls = expand_shards(train_pattern)
+    if len(urls) < 2:
+        raise ValueError(f"the embedded split needs >= 2 testbed shards, {train_pattern!r} has {len(urls)}")
+    return urls[:-1], urls[-1:]
+
+
+def image_tensor_transform(resolution: int):
+    """PIL -> float tensor in [-1, 1], resized and center-cropped to ``resolution``."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+
+
+def _key(cfg: T2IConfig, fingerprint: str) -> str:
+    doc = {
+        "testbed": fingerprint,
+        "resolution": cfg.resolution,
+        "latent_channels": cfg.latent_channels,
+        "vae_steps": cfg.embedded_vae_steps,
+        "clip_samples": cfg.embedded_clip_samples,
+        "clip_p": cfg.embedded_clip_p,
+        "seed": cfg.seed,
+        "version": 2,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
+    """SD-VAE layout at toy width: 3 blocks (factor 4), no mid-block attention."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=16,
+        mid_block_add_attention=False,
+    )
+
+
+def _image_batches(shards: list[str], resolution: int, batch: int, seed: int):
+    from caption_mixing.pipeline import decode_image
+
+    tf = image_tensor_transform(resolution)
+    pipe = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.tarfile_to_samples(),
+        wds.shuffle(500, rng=__import__("random").Random(seed)),
+        decode_image,
+        wds.map(lambda s: tf(s["image"])),
+        wds.batched(batch, collation_fn=torch.stack, partial=False),
+    )
+    while True:
+        yield from pipe
+
+
+def train_tiny_vae(out: Path, shards: list[str], cfg: T2IConfig, batch: int = 32) -> Path:
+    """Train the tiny VAE (L1 + small KL), set ``scaling_factor`` to 1/std of its latents, save it."""
+    torch.manual_seed(cfg.seed)
+    vae = tiny_vae(cfg.latent_channels)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    data = _image_batches(shards, cfg.resolution, batch, cfg.seed)
+    bar = tqdm(range(cfg.embedded_vae_steps), desc="embedded VAE", unit="step", dynamic_ncols=True)
+    for _ in bar:
+        x = next(data)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = (rec - x).abs().mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(l1=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(next(data)).latent_dist.sample() for _ in range(4)])
+    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    vae.save_pretrained(out)
+    return out
+
+
+def ensure_embedded_components(cfg: T2IConfig, testbed) -> EmbeddedComponents:
+    """Build (or reuse) the embedded VAE and CLIP for this testbed and config."""
+    from clip_train.config import load_config as clip_config
+    from clip_train.train import train as clip_train
+    from t2i.components import export_open_clip_text
+
+    root = Path(testbed.root).parent / f"t2i-embedded-{testbed.fingerprint}-{_key(cfg, testbed.fingerprint)}"
+    comps = EmbeddedComponents(root, root / "vae", root / "clip_text", root / "clip.pt")
+    if (root / DONE).exists():
+        print(f"t2i embedded components: reusing {root}", flush=True)
+        return comps
+    print(f"t2i embedded components: building {root}", flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    train_shards, _ = embedded_split(testbed.train_shards)
+    t0 = time.perf_counter()
+    ccfg = clip_config(
+        "embedded",
+        {"p": cfg.embedded_clip_p, "samples_seen": cfg.embedded_clip_samples, "batch_size": 64, "seed": cfg.seed},
+    )
+    ckpt = clip_train(ccfg, root / "clip_run", train_shards)
+    shutil.copyfile(ckpt, comps.clip_checkpoint)
+    export_open_clip_text(comps.clip_checkpoint, EMBEDDED_CLIP_MODEL, comps.text_encoder)
+    t1 = time.perf_counter()
+    train_tiny_vae(comps.vae, train_shards, cfg)
+    t2 = time.perf_counter()
+    atomic_write_json(
+        root / DONE,
+        {
+            "notice": "Embedded components trained on the synthetic testbed; not paper models.",
+            "clip_model": EMBEDDED_CLIP_MODEL,
+            "clip_p": cfg.embedded_clip_p,
+            "clip_seconds": round(t1 - t0, 1),
+            "vae_seconds": round(t2 - t1, 1),
+        },
+    )
+    return comps

@@ -1,0 +1,184 @@
+"""Export a trained model as a diffusers pipeline folder and sample from it.
+
+The folder is a plain ``PixArtAlphaPipeline`` (transformer with EMA weights, VAE, text encoder,
+tokenizer, DPM-Solver scheduler): ``DiffusionPipeline.from_pretrained(folder)`` loads it offline.
+``t2i.json`` beside ``model_index.json`` records the text context (``max_sequence_length``), which
+the pipeline must be given for CLIP text encoders (its default, 120, is T5's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from caption_mixing.atomic import atomic_write_json
+from t2i.components import TextEncoder
+from t2i.config import T2IConfig
+from t2i.model import sample_scheduler
+
+PIPELINE_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+META = "t2i.json"
+
+
+class PipelineError(ValueError):
+    """A pipeline folder that is missing a component; the message names it."""
+
+
+def export_pipeline(out: Path, cfg: T2IConfig, transformer, vae, text: TextEncoder) -> Path:
+    """Save a PixArtAlphaPipeline folder atomically (written beside, then renamed into place)."""
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline(
+        tokenizer=text.tokenizer,
+        text_encoder=text.model,
+        vae=vae,
+        transformer=transformer,
+        scheduler=sample_scheduler(cfg),
+    )
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    atomic_write_json(
+        tmp / META,
+        {
+            "max_sequence_length": text.max_length,
+            "resolution": cfg.resolution,
+            "p": cfg.p,
+            "synthetic_source": cfg.synthetic_source,
+            "guidance_scale": cfg.guidance_scale,
+            "sample_steps": cfg.sample_steps,
+        },
+    )
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def check_pipeline_folder(folder: Path) -> dict:
+    """model_index.json and every component folder must exist; returns the t2i.json metadata (or {})."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise PipelineError(f"--pipeline {folder}: no model_index.json; not a diffusers pipeline folder")
+    listed = json.loads(index.read_text())
+    for name in PIPELINE_COMPONENTS:
+        if name not in listed or listed[name] in (None, [None, None]):
+            raise PipelineError(f"--pipeline {folder}: model_index.json lists no {name!r} component")
+        if not (folder / name).is_dir() or not any((folder / name).iterdir()):
+            raise PipelineError(f"--pipeline {folder}: component {name!r} is missing (no folder {folder / name})")
+    meta = folder / META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def load_pipeline(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(pipeline, metadata): loads offline through DiffusionPipeline.from_pretrained."""
+    from diffusers import DiffusionPipeline
+
+    meta = check_pipeline_folder(folder)
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), meta
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: list[str],
+    *,
+    max_sequence_length: int,
+    steps: int = 20,
+    guidance_scale: float = 4.5,
+    seed: int = 0,
+    batch_size: int = 16,
+    resolution: int | None = None,
+) -> list[Image.Image]:
+    """One image per prompt; prompt i always gets seed + i, so results do not depend on batching."""
+    size = resolution or pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        gens = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
+        out = pipe(
+            prompt=chunk,
+            negative_prompt="",
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=gens,
+            height=size,
+            width=size,
+            max_sequence_length=max_sequence_length,
+            clean_caption=False,
+            use_resolution_binning=False,
+        )
+        images.extend(out.images)
+    return images
+
+
+def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line (blank lines skipped), or a JSON list / JSONL with a "prompt" field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        prompts = json.loads(text)
+    elif path.suffix == ".jsonl":
+        prompts = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts in the file")
+    return [str(p) for p in prompts]
+
+
+def sample_to_folder(
+    pipeline: Path,
+    prompts_file: Path,
+    out: Path,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    device: str | None = None,
+) -> list[Path]:
+    """The ``sample`` command: PNGs ``{i:05d}.png`` + ``prompts.jsonl`` + ``grid.png`` in ``out``."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = read_prompts(prompts_file)
+    pipe, meta = load_pipeline(pipeline, device)
+    max_len = int(meta.get("max_sequence_length", pipe.tokenizer.model_max_length))
+    n_trunc = sum(len(pipe.tokenizer(p).input_ids) > max_len for p in prompts)
+    if n_trunc:
+        print(f"{n_trunc} of {len(prompts)} prompts are longer than {max_len} tokens and were truncated")
+    images = generate(pipe, prompts, max_sequence_length=max_len, steps=steps, guidance_scale=guidance_scale, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    lines = []
+    for i, (img, prompt) in enumerate(zip(images, prompts, strict=True)):
+        path = out / f"{i:05d}.png"
+        img.save(path)
+        paths.append(path)
+        lines.append(json.dumps({"file": path.name, "prompt": prompt, "seed": seed + i}))
+    (out / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    image_grid(images[:64], cols=min(8, len(images))).save(out / "grid.png")
+    return paths

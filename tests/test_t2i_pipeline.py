@@ -1,0 +1,190 @@
+"""Text-to-image end to end on tiny shards: train (mixing, dropout, resume), export, sample, score, latents."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from caption_mixing.mixing import Mixture, choose_caption
+from caption_mixing.pipeline import SharedEpoch
+from t2i.config import load_config
+from t2i.data import build_t2i_pipeline
+from t2i.train import dropped_captions
+from tests.conftest import make_shards
+
+TINY = {
+    "resolution": 16,
+    "latent_size": 4,
+    "hidden_size": 32,
+    "num_heads": 2,
+    "num_layers": 1,
+    "batch_size": 8,
+    "max_steps": 3,
+    "warmup_steps": 1,
+    "checkpoint_every": 2,
+    "log_every": 1,
+    "workers": 0,
+    "shuffle_buffer": 10,
+    "eval_prompts": 3,
+    "sample_steps": 2,
+    "grid_prompts": 2,
+    "eval_clip_model": "EmbeddedCLIP-Tiny",
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Tiny shards with sidecars, a random CLIP (checkpoint + exported text tower) and a random tiny VAE."""
+    from clip_train.model import create_model
+    from t2i.components import export_open_clip_text
+    from t2i.embedded import tiny_vae
+
+    root = tmp_path_factory.mktemp("t2i")
+    pattern, keys = make_shards(root / "shards", n_shards=2, per_shard=20, missing=frozenset({"000000003"}))
+    holdout, _ = make_shards(root / "holdout", n_shards=1, per_shard=6)
+    torch.manual_seed(0)
+    clip, _, _, _ = create_model("EmbeddedCLIP-Tiny")
+    torch.save({"state_dict": clip.state_dict(), "model_name": "EmbeddedCLIP-Tiny"}, root / "clip.pt")
+    export_open_clip_text(root / "clip.pt", "EmbeddedCLIP-Tiny", root / "text")
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=1.0)
+    vae.save_pretrained(root / "vae")
+    overrides = {
+        **TINY,
+        "train_shards": pattern,
+        "holdout_shards": holdout,
+        "vae": str(root / "vae"),
+        "text_encoder": str(root / "text"),
+        "eval_clip_checkpoint": str(root / "clip.pt"),
+    }
+    return {"root": root, "pattern": pattern, "keys": keys, "overrides": overrides}
+
+
+def test_batches_use_the_clip_mixing_rule_and_dropout_is_deterministic(world: dict) -> None:
+    mixture = Mixture.from_p(0.5, "altogether")
+    pipe = build_t2i_pipeline(
+        world["pattern"],
+        latents=False,
+        mixture=mixture,
+        seed=3,
+        epoch=SharedEpoch(2),
+        batch_size=8,
+        resolution=16,
+        latent_shape=(8, 4, 4),
+        shuffle_buffer=10,
+    )
+    batch = next(iter(pipe))
+    assert batch["x"].shape == (8, 3, 16, 16) and -1.0 <= batch["x"].min() and batch["x"].max() <= 1.0
+    for key, caption, source in zip(batch["keys"], batch["captions"], batch["sources"], strict=True):
+        captions = {"alt": f"alt text {key}", "altogether": f"a dense synthetic caption of sample {key}"}
+        if key == "000000003":
+            captions["altogether"] = None
+        want = choose_caption(captions, mixture, 3, 2, key)
+        assert (caption, source) == (want.caption, want.source)
+    cfg = load_config("embedded", {"caption_dropout": 0.1, "seed": 3})
+    many = {"captions": ["c"] * 4000, "keys": [f"k{i}" for i in range(4000)]}
+    dropped = dropped_captions(many, cfg, epoch=0)
+    assert dropped == dropped_captions(many, cfg, epoch=0)
+    assert 0.08 < dropped.count("") / 4000 < 0.12
+    assert dropped != dropped_captions(many, cfg, epoch=1)
+
+
+def test_run_point_trains_exports_samples_scores_and_resumes(world: dict, tmp_path: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    from clip_train.checkpoint import latest_checkpoint, load_checkpoint
+    from t2i.experiment import resolve, run_dir_for, run_point
+    from t2i.sample import PipelineError, check_pipeline_folder
+    from t2i.train import train
+
+    cfg = load_config("embedded", {**world["overrides"], "p": 1.0})
+    metrics = run_point(cfg, tmp_path / "runs")
+    run_dir = run_dir_for(tmp_path / "runs", cfg)
+    assert metrics["steps"] == 3 and set(metrics["clip_score"]) == {"original", "synthetic"}
+    assert all(0.0 <= v <= 100.0 for v in metrics["clip_score"].values())
+    assert metrics["eval_prompts"] == 3 and metrics["mixing"]["used"]["altogether"] >= 22
+    assert metrics["mixing"]["fallbacks"] in ({}, {"altogether": 1}, {"altogether": 2})
+    assert (run_dir / "config.json").is_file() and (run_dir / "provenance.json").is_file()
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all("images_per_s" in r for r in log)
+    assert len(list((run_dir / "samples" / "synthetic").glob("*.png"))) == 3 and (run_dir / "grid.png").is_file()
+
+    pipe = DiffusionPipeline.from_pretrained(run_dir / "pipeline", local_files_only=True)
+    assert type(pipe).__name__ == "PixArtAlphaPipeline" and type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    ema = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["ema"]
+    assert torch.equal(pipe.transformer.state_dict()["proj_out.weight"], ema["proj_out.weight"])
+
+    # Same folder, more steps: resumes from step 3 instead of starting over.
+    more = load_config("embedded", {**world["overrides"], "p": 1.0, "max_steps": 5})
+    res = resolve(more)
+    ckpt = train(more, run_dir, res.data, res.vae, res.text_encoder)
+    assert ckpt.name == "step_00000005.pt"
+    steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir / "pipeline", broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(PipelineError, match="component 'vae' is missing"):
+        check_pipeline_folder(broken)
+
+
+def test_sample_command_writes_images(world: dict, tmp_path: Path) -> None:
+    from t2i.__main__ import main
+    from t2i.components import load_text_encoder, load_vae
+    from t2i.model import build_transformer
+    from t2i.sample import export_pipeline
+
+    cfg = load_config("embedded", world["overrides"])
+    text = load_text_encoder(cfg.text_encoder, cfg.max_sequence_length)
+    export_pipeline(tmp_path / "pipe", cfg, build_transformer(cfg, text.width), load_vae(cfg.vae), text)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red bird\n\n" + "very long " * 60 + "\n")
+    assert (
+        main(
+            [
+                "sample",
+                "--pipeline",
+                str(tmp_path / "pipe"),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "out"),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "out").glob("0*.png")) == ["00000.png", "00001.png"]
+    lines = (tmp_path / "out" / "prompts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["seed"] for line in lines] == [0, 1]
+
+
+def test_precomputed_latents_train_with_sidecar_captions_and_bad_shapes_name_the_shard(
+    world: dict, tmp_path: Path
+) -> None:
+    from t2i.data import LatentShapeError
+    from t2i.experiment import resolve
+    from t2i.precompute import precompute, read_manifest
+    from t2i.train import train
+
+    precompute(world["pattern"], tmp_path / "lat", world["overrides"]["vae"], resolution=16, batch_size=16)
+    manifest = read_manifest(tmp_path / "lat")
+    assert manifest["moments_shape"] == [8, 4, 4]
+    assert manifest["sidecar_dir"] == str((world["root"] / "shards").resolve())
+    latents = str(tmp_path / "lat" / "{00000..00001}.tar")
+    cfg = load_config("embedded", {**world["overrides"], "train_latents": latents, "max_steps": 2, "p": 1.0})
+    res = resolve(cfg)
+    assert res.data.latents and res.data.sidecar_dir == manifest["sidecar_dir"]
+    ckpt = train(cfg, tmp_path / "run", res.data, res.vae, res.text_encoder)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 2 and state["mixing"]["used"].get("altogether", 0) >= 14  # captions from image sidecars
+
+    wrong = load_config("embedded", {**world["overrides"], "train_latents": latents, "latent_size": 8, "max_steps": 1})
+    with pytest.raises(LatentShapeError, match=r"lat/0000[01]\.tar.*\(8, 4, 4\).*expects \(8, 8, 8\)"):
+        train(wrong, tmp_path / "run2", resolve(wrong).data, res.vae, res.text_encoder)
