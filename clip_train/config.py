@@ -13,6 +13,10 @@ from typing import Any
 
 import yaml
 
+from caption_mixing.long_captions import POLICIES as LONG_CAPTION_POLICIES
+from caption_mixing.mixing import ALT, PER_SAMPLE, PER_VISIT, Mixture
+from caption_mixing.schedules import PSchedule, parse_schedule
+
 PRESET_DIR = Path(__file__).parent / "presets"
 PRECISIONS = ("fp32", "amp_bf16", "amp")
 LOGGERS = ("tensorboard", "wandb", "none")
@@ -25,7 +29,13 @@ class ClipTrainConfig:
     sidecar_dir: str | None = None  # where synthetic-caption sidecars live; default: beside the shards
     eval_tasks: str | None = "embedded"  # "embedded" or a comma list of name=path
     synthetic_source: str = "altogether"
-    p: float = 0.15
+    p: float = 0.15  # share of synthetic captions (all synthetic sources together)
+    # Mixing beyond one synthetic source (see caption_mixing.Mixture / schedules / long_captions):
+    captions: str | None = None  # "alt=0.85,altogether_r3=0.15"; None: alt-text + synthetic_source at p
+    caption_fallback: str = ALT  # comma list: sources to try, in order, when the drawn one is missing
+    mix_mode: str = PER_VISIT  # per_visit (the paper: drawn anew each epoch) | per_sample (fixed across epochs)
+    p_schedule: str | None = None  # p over training: constant:P | linear:P0:P1[:T0:T1] | step:P@T,...
+    long_captions: str = "head"  # captions longer than the text context: head | sentences | random_window
     seed: int = 0
     batch_size: int = 128
     samples_seen: int = 51200
@@ -73,6 +83,22 @@ class ClipTrainConfig:
                 f"x accum_freq {self.accum_freq} = {parts}; set --set batch_size to a multiple of {parts}"
             )
         return self.batch_size // parts
+
+    def mixture(self) -> Mixture:
+        """The caption mixture for this run: ``captions``' sources rescaled so the synthetic ones share p."""
+        if self.captions is None:
+            return Mixture.from_p(self.p, self.synthetic_source, mode=self.mix_mode)
+        mix = Mixture.parse(self.captions, fallback=self.caption_fallback, mode=self.mix_mode, flag="captions")
+        if ALT not in mix.sources:
+            raise ValueError(f"captions={self.captions!r}: name alt-text as {ALT!r} (e.g. {ALT}=0.85,altogether=0.15)")
+        if not any(w > 0 for n, w in mix.weights if n != ALT):
+            if self.p != 0:
+                raise ValueError(f"captions={self.captions!r} gives synthetic captions no weight, but p={self.p:g}")
+            return mix
+        return mix.with_synthetic_share(self.p)
+
+    def schedule(self) -> PSchedule | None:
+        return None if self.p_schedule is None else parse_schedule(self.p_schedule, flag="p_schedule")
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "steps": self.steps}
@@ -140,6 +166,9 @@ def load_config(preset: str = "embedded", overrides: dict[str, Any] | None = Non
     _check_keys(list(overrides), "--set")
     values.update({k: _coerce(k, v, "--set") for k, v in overrides.items()})
     values["preset"] = preset
+    if values.get("captions") and "p" not in overrides:  # p follows the written mixture
+        weights = Mixture.parse(values["captions"], flag="captions").weights
+        values["p"] = round(1.0 - dict(weights).get(ALT, 0.0), 12)
     cfg = ClipTrainConfig(**values)
     validate(cfg)
     return cfg
@@ -178,5 +207,11 @@ def validate(cfg: ClipTrainConfig) -> None:
     bad = [x for x in cfg.logger.split(",") if x.strip() not in LOGGERS]
     if bad:
         raise ValueError(f"logger: {bad[0]!r} is not one of {', '.join(LOGGERS)}")
+    if cfg.mix_mode not in (PER_VISIT, PER_SAMPLE):
+        raise ValueError(f"mix_mode must be {PER_VISIT} or {PER_SAMPLE}, got {cfg.mix_mode!r}")
+    if cfg.long_captions not in LONG_CAPTION_POLICIES:
+        raise ValueError(f"long_captions must be one of {', '.join(LONG_CAPTION_POLICIES)}, got {cfg.long_captions!r}")
+    cfg.mixture()  # raises naming the key on a malformed captions spec
+    cfg.schedule()
     if cfg.train_shards is None:
         raise ValueError("train_shards is not set: pass --set train_shards='/data/cc12m/{00000..01242}.tar'")

@@ -43,7 +43,7 @@ import torch
 from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
-from caption_mixing import MixStats, Mixture, SharedEpoch, build_caption_pipeline, expand_shards, make_loader
+from caption_mixing import MixStats, SharedEpoch, build_caption_pipeline, expand_shards, make_loader
 from caption_mixing.atomic import atomic_write_json
 from clip_train.checkpoint import latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from clip_train.config import ClipTrainConfig
@@ -408,10 +408,17 @@ def train(
     if cfg.torch_compile:
         ddp_model = torch.compile(ddp_model)
 
+    schedule = cfg.schedule()
+    if schedule is not None and micro_per_epoch is None:
+        raise ValueError(f"p_schedule={cfg.p_schedule!r} needs a known epoch length: pass --set train_num_samples=N")
+    num_epochs = math.ceil(cfg.steps * cfg.accum_freq / micro_per_epoch) if micro_per_epoch else 1
     shared_epoch = SharedEpoch(epoch)
     pipeline = build_caption_pipeline(
         shards,
-        mixture=Mixture.from_p(cfg.p, cfg.synthetic_source),
+        mixture=cfg.mixture(),
+        schedule=schedule,
+        num_epochs=num_epochs,
+        long_captions=cfg.long_captions,
         seed=cfg.seed,
         epoch=shared_epoch,
         image_transform=preprocess_train,

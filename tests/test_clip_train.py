@@ -134,3 +134,36 @@ def test_cli_rejects_bad_p_naming_the_flag() -> None:
         text=True,
     )
     assert res.returncode == 2 and "--p" in res.stderr and "1.7" in res.stderr
+
+
+def test_mixture_spec_rescales_with_p_and_bad_specs_name_the_key() -> None:
+    cfg = load_config("embedded", {"captions": "alt=0.5,altogether=0.3,scratch=0.2"})
+    assert cfg.p == 0.5  # p follows the written mixture
+    assert dict(cfg.mixture().weights) == pytest.approx({"alt": 0.5, "altogether": 0.3, "scratch": 0.2})
+    swept = load_config("embedded", {"captions": "alt=0.5,altogether=0.3,scratch=0.2", "p": 0.2})
+    assert dict(swept.mixture().weights) == pytest.approx({"alt": 0.8, "altogether": 0.12, "scratch": 0.08})
+    with pytest.raises(ValueError, match="captions"):
+        load_config("embedded", {"captions": "alt=0.5,altogether=0.6"})
+    with pytest.raises(ValueError, match="p_schedule"):
+        load_config("embedded", {"p_schedule": "cosine:0:1"})
+    with pytest.raises(ValueError, match="long_captions"):
+        load_config("embedded", {"long_captions": "tail"})
+
+
+def test_multi_source_step_schedule_and_long_caption_policy_reach_training(testbed_dir: str, tmp_path: Path) -> None:
+    from caption_mixing.testbed import Testbed
+    from clip_train.train import train
+
+    tb = Testbed.load(testbed_dir)
+    overrides = {**FAST, "samples_seen": 2 * 12 * 32, "checkpoint_every": 100}  # 2 epochs of 12 steps
+    overrides.update(captions="alt=0.5,altogether=0.3,scratch=0.2", p_schedule="step:0@0,1@0.5")
+    overrides.update(long_captions="sentences")
+    cfg = load_config("embedded", overrides)
+    state = load_checkpoint(train(cfg, tmp_path, tb.train_shards, num_samples=tb.num_train))
+    used, fallbacks = state["mixing"]["used"], state["mixing"]["fallbacks"]
+    assert state["step"] == 24
+    # Epoch 0 has p=0 (alt-text only), epoch 1 p=1 (synthetic only, alt-text only as a counted fallback).
+    assert used["alt"] == 12 * 32 + sum(fallbacks.values())
+    synthetic = used["altogether"] + used["scratch"]
+    assert synthetic + sum(fallbacks.values()) == 12 * 32
+    assert abs(used["scratch"] / synthetic - 0.4) < 0.15  # 0.2 / (0.3 + 0.2), binomial over ~380 draws
