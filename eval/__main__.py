@@ -55,7 +55,8 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
         args.model, args.checkpoint, device=device, config_dir=args.model_config_dir
     )
     out = Path(args.out)
-    cache = ClassifierCache(model_id, args.cache_dir or out / "classifier_cache")
+    amp = device.startswith("cuda")  # a classifier computed under AMP is cached apart from an fp32 one
+    cache = ClassifierCache(f"{model_id}@{'amp' if amp else 'fp32'}", args.cache_dir or out / "classifier_cache")
     res = run_suite(
         model,
         tokenizer,
@@ -65,6 +66,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
         cache=cache,
         out_dir=out,
         device=device,
+        amp=amp,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         download=args.download,
@@ -76,6 +78,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
         "model_id": model_id,
         "dataset_root": str(args.dataset_root),
         "device": device,
+        "amp": amp,
     }
     atomic_write_json(out / "summary.json", _json_safe({**meta, **res["summary"]}))
     if args.p is not None:
@@ -87,8 +90,10 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
         if s["num_tasks_averaged"]
         else "no task ran"
     )
-    if "paper26" in s:
-        line += f"; 26-task average over {s['paper26']['average_over']}"
+    if "paper26" in s and s["paper26"]["num_tasks_averaged"]:
+        line += f"; 26-task average {100 * s['paper26']['average']:.2f} (avg over {s['paper26']['average_over']})"
+    elif "paper26" in s:
+        line += "; none of the 26 tasks ran"
     print(line)
     for group, info in s["datacomp_groups"].items():
         if info["num_members"]:

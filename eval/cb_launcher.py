@@ -7,6 +7,9 @@ same result) and then calls ``clip_benchmark.cli.main()`` unchanged; it can also
 open_clip model configs first, since the CLI loads ``--model NAME --pretrained PATH`` via open_clip.
 
     python -m eval.cb_launcher [--model-config-dir DIR] eval --dataset wds/x --dataset_root ... --model ...
+
+``main(argv)`` also runs the CLI inside the calling process (the cross-check test does, to skip a second
+interpreter start-up); the benchmark starts one process per task, as the CLI's users do.
 """
 
 from __future__ import annotations
@@ -49,8 +52,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     patch_clip_benchmark()
     from clip_benchmark import cli
 
-    sys.argv = ["clip_benchmark", *args]
-    cli.main()
+    saved, sys.argv = sys.argv, ["clip_benchmark", *args]
+    try:
+        cli.main()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

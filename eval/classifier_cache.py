@@ -2,7 +2,8 @@
 
 Encoding every class x template through the text tower is the costly, repeated part of zero-shot
 evaluation (ImageNet: 1000 x 80 prompts). The matrix depends only on the model weights, the class
-names and the templates, so it is keyed by exactly those and reused across runs and tasks.
+names and the templates, so it is keyed by exactly those and reused across runs and tasks (ImageNet,
+ImageNet-V2 and ImageNet-Sketch share one).
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def classifier_key(model_id: str, task: str, classnames: list[str], templates: list[str]) -> str:
-    """Stable key over everything the classifier depends on."""
-    doc = json.dumps({"model": model_id, "task": task, "classnames": classnames, "templates": templates})
+def classifier_key(model_id: str, classnames: list[str], templates: list[str]) -> str:
+    """Stable key over everything the classifier depends on (not the task name: same prompts, same matrix)."""
+    doc = json.dumps({"model": model_id, "classnames": classnames, "templates": templates})
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
 class ClassifierCache:
-    """In-memory + optional on-disk cache of classifiers (``{cache_dir}/{task}-{key}.pt``)."""
+    """In-memory + optional on-disk cache of classifiers (``{cache_dir}/{task}-{key}.pt``, any task's file reused)."""
 
     def __init__(self, model_id: str, cache_dir: str | Path | None = None) -> None:
         self.model_id = model_id
@@ -46,11 +47,13 @@ class ClassifierCache:
         self, task: str, classnames: list[str], templates: list[str], compute: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
         """The cached classifier, or ``compute()`` stored under the key when absent."""
-        key = classifier_key(self.model_id, task, classnames, templates)
+        key = classifier_key(self.model_id, classnames, templates)
         if key in self._mem:
             self.hits += 1
             return self._mem[key]
         path = self.cache_dir / f"{task.replace('/', '-')}-{key[:24]}.pt" if self.cache_dir else None
+        if path is not None and not path.is_file():
+            path = next(self.cache_dir.glob(f"*-{key[:24]}.pt"), path)  # written under another task's name
         if path is not None and path.is_file():
             clf = torch.load(path, map_location="cpu", weights_only=True)
             if clf.shape[1] != len(classnames):

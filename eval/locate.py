@@ -42,7 +42,9 @@ def locate(task: Task, dataset_root: str | Path, *, download: bool = False) -> D
     if task.builder and task.cb_name:
         folder = root / task.cb_name
         if folder.is_dir() or download:
-            return DataSource("builder", folder, "test")
+            wanted = task.paper_split
+            note = f"paper uses split {wanted!r}; builder read its test data" if wanted != "test" else ""
+            return DataSource("builder", folder, "test", note)
     return None
 
 

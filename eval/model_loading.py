@@ -7,8 +7,29 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+import torch
 
 from eval.classifier_cache import file_sha256
+
+
+def _raised_while_reading(e: BaseException) -> bool:
+    """True when ``e`` came from open_clip's ``load_state_dict`` (torch.load and state-dict extraction)."""
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "load_state_dict" and code.co_filename.replace("\\", "/").endswith("open_clip/factory.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _explain_load_error(e: Exception, checkpoint: Path, model_name: str) -> str:
+    """One line saying whether the file is unreadable or its weights do not fit the model config."""
+    text = str(e) or type(e).__name__
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Error(s)")), text)
+    if _raised_while_reading(e):
+        return f"--checkpoint {checkpoint} is not a readable open_clip checkpoint ({type(e).__name__}: {first[:200]})"
+    return f"--checkpoint {checkpoint} does not fit --model {model_name}: {type(e).__name__}: {first[:300]}"
 
 
 def register_model_configs(config_dir: str | Path) -> list[str]:
@@ -40,11 +61,10 @@ def load_model(
         )
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint))
-    except RuntimeError as e:
-        if "state_dict" in str(e) or "size mismatch" in str(e):
-            first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
-            raise ValueError(f"--checkpoint {checkpoint} does not fit --model {model_name}: {first[:300]}") from e
+    except torch.OutOfMemoryError:
         raise
+    except Exception as e:  # open_clip fails with whatever torch.load / load_state_dict / its asserts raise
+        raise ValueError(_explain_load_error(e, checkpoint, model_name)) from e
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, tokenizer, preprocess, f"{model_name}@sha256:{file_sha256(checkpoint)}"

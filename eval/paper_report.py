@@ -184,18 +184,21 @@ def figure4_png(runs: Sequence[Run], title: str) -> bytes:
 
     ps = [float(r["p"]) for r in runs]
     nan = lambda v: 100 * v if v is not None else math.nan  # noqa: E731
+    counts = sorted({paper26_average(r)[1] for r in runs})  # coverage in the title when any run lacks tasks
+    span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    cover = "" if counts == [len(PAPER26)] else f" (over {span}/{len(PAPER26)})"
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, (name, ys) in zip(
         axes,
         [
             ("ImageNet", [nan(_value(r, "imagenet1k")) for r in runs]),
-            ("26-task average", [nan(paper26_average(r)[0]) for r in runs]),
+            ("26-task average" + cover, [nan(paper26_average(r)[0]) for r in runs]),
         ],
         strict=True,
     ):
         ax.plot(ps, ys, marker="o")
         ax.set_xlabel("synthetic-caption ratio p")
-        ax.set_ylabel(f"{name} (%)")
+        ax.set_ylabel(f"{name.split(' (')[0]} (%)")
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)

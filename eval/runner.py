@@ -121,7 +121,7 @@ def evaluate_classification_task(
     )
     if src.kind == "wds":  # webdataset hands each worker whole shards; an idle worker fails its empty check
         num_workers = min(num_workers, len(_shard_paths(src.path, src.split)))
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, pin_memory=dev == "cuda")
     try:
         logits, target = image_logits(model, clf, loader, dev, amp, task.name)
     except (RuntimeError, ValueError) as e:
@@ -190,6 +190,9 @@ def run_task(
     result.update(status="ok", path=str(src.path), split=src.split, seconds=round(time.perf_counter() - t0, 3))
     if src.split_note:
         result["split_note"] = src.split_note
+    if task.expected_samples and result["num_samples"] != task.expected_samples:
+        n, want = result["num_samples"], task.expected_samples
+        result["size_note"] = f"the paper's split has {want} images; {src.path} has {n}"
     return result
 
 
@@ -236,6 +239,8 @@ def run_suite(
         try:
             res = run_task(task, dataset_root, model, tokenizer, preprocess, cache, download=download, **kw)
         except (ValueError, RuntimeError, OSError) as e:
+            if not keep_going and isinstance(e, ValueError) and not str(e).startswith(f"{task.name}:"):
+                raise ValueError(f"{task.name}: {e}") from e  # say which task, on the command line too
             if not keep_going:
                 raise
             res = {"status": "error", "error": f"{type(e).__name__}: {e}", "main_metric": task.metric}
@@ -261,4 +266,7 @@ def _log(task: Task, res: dict[str, Any]) -> None:
         tqdm.write(f"[eval] {task.name}: ERROR {res['error']}")
     else:
         key = res["main_metric"]
-        tqdm.write(f"[eval] {task.name}: {key}={100 * res[key]:.2f} ({res['num_samples']} samples, {res['seconds']}s)")
+        notes = "".join(f"; {res[n]}" for n in ("split_note", "size_note") if n in res)
+        tqdm.write(
+            f"[eval] {task.name}: {key}={100 * res[key]:.2f} ({res['num_samples']} samples, {res['seconds']}s{notes})"
+        )

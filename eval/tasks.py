@@ -42,6 +42,8 @@ class Task:
     note: str = ""
     wds_aliases: tuple[str, ...] = field(default_factory=tuple)
     local_path: str | None = None  # an ad-hoc task read from exactly this wds folder (``--extra-task``)
+    source_split: str = ""  # the original dataset's split when `prepare` stores it as test/ (shown by `tasks`)
+    expected_samples: int | None = None  # the paper's split size; a different count is flagged in the result
 
     @property
     def wds_dirs(self) -> tuple[str, ...]:
@@ -57,6 +59,11 @@ class Task:
 def _cls(name: str, title: str, metric: str = ACC1, cb: str | None = None, **kw: object) -> Task:
     cb_name = name if cb is None else cb
     return Task(name=name, title=title, metric=metric, cb_name=cb_name or None, **kw)  # type: ignore[arg-type]
+
+
+def _ret(name: str, title: str, cb: str, n_images: int) -> Task:
+    note = f"{n_images // 1000}k test images (Karpathy split)"
+    return Task(name, title, MEAN_RECALL1, kind="retrieval", cb_name=cb, expected_samples=n_images, note=note)
 
 
 PAPER_TASKS: tuple[Task, ...] = (
@@ -103,13 +110,21 @@ PAPER_TASKS: tuple[Task, ...] = (
     ),
     _cls("country211", "Country211", builder=True, prompt_key="country211"),
     _cls("pcam", "PCAM", builder=True, prompt_key="pcam"),
-    _cls("ucf101", "UCF101", cb="", prompt_key="ucf101", note="middle frame of testlist01 videos; `prepare ucf101`"),
+    _cls(
+        "ucf101",
+        "UCF101",
+        cb="",
+        prompt_key="ucf101",
+        source_split="testlist01",
+        note="middle frame of testlist01 videos; `prepare ucf101`",
+    ),
     _cls(
         "kinetics700",
         "Kinetics700",
         TOP1_TOP5_MEAN,
         cb="",
         prompt_key="kinetics700",
+        source_split="val",
         note="middle frame of validation videos; `prepare kinetics700`",
     ),
     _cls("clevr", "CLEVR", cb="vtab/clevr_count_all", prompt_key="clevr_count_all", note="counts, 8 classes"),
@@ -119,14 +134,15 @@ PAPER_TASKS: tuple[Task, ...] = (
         ROC_AUC,
         cb="",
         prompt_key="hateful_memes",
+        source_split="dev",
         note="dev split; `prepare hateful_memes`",
     ),
     _cls("sst2", "SST2", cb="renderedsst2", builder=True, prompt_key="renderedsst2", note="rendered SST2"),
 )
 
 RETRIEVAL_TASKS: tuple[Task, ...] = (
-    Task("flickr30k", "Flickr", MEAN_RECALL1, kind="retrieval", cb_name="flickr30k", note="1k test"),
-    Task("mscoco", "COCO", MEAN_RECALL1, kind="retrieval", cb_name="mscoco_captions", note="5k test"),
+    _ret("flickr30k", "Flickr", "flickr30k", 1000),
+    _ret("mscoco", "COCO", "mscoco_captions", 5000),
 )
 
 # DataComp members outside the 26 (classification, wds folders only).
@@ -235,7 +251,8 @@ def format_registry(dataset_root: str | Path | None = None) -> str:
             where = " | ".join(
                 str(p) + ("/" + "{" + ",".join(t.splits) + "}" if p.name.startswith("wds_") else "") for p in paths
             )
-            body.append((str(i), t.name, t.title, METRIC_DESCRIPTIONS[t.metric], t.paper_split, where, t.note))
+            split = f"{t.source_split} (as {t.paper_split}/)" if t.source_split else t.paper_split
+            body.append((str(i), t.name, t.title, METRIC_DESCRIPTIONS[t.metric], split, where, t.note))
         widths = [max(len(r[c]) for r in [*rows, *body]) for c in range(5)]
         lines.append(f"== {title} ({len(tasks)} tasks) ==")
         for r in [rows[0], *body]:

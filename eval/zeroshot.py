@@ -220,8 +220,9 @@ def evaluate_retrieval(
         raise ValueError(f"recall_k must be positive integers, got {tuple(recall_k)}")
 
     ds = _build_dataset(root, preprocess, "zeroshot_retrieval", split)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=image_captions_collate_fn)
     dev = _autocast_device(device)
+    collate, pin = image_captions_collate_fn, dev == "cuda"
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=pin)
     if ks[-1] <= min(n_images, n_texts):
         metrics = evaluate(model, loader, tokenizer, dev, amp=amp, recall_k_list=ks)
     else:

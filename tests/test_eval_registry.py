@@ -67,6 +67,7 @@ def test_tasks_command_prints_registry(tmp_path, capsys):
     assert "(top-1 + top-5) / 2" in out and "ROC AUC" in out and "mean per-class accuracy" in out
     assert str(tmp_path / "wds_vtab-kitti_closest_vehicle_distance") in out
     assert str(tmp_path / "cifar10") in out  # clip_benchmark's builder folder is also looked at
+    assert "dev (as test/)" in out  # HatefulMemes: the original split `prepare` stores as test/
     lines = [ln.split()[1] for ln in out.splitlines() if ln[:1].isdigit()][:26]
     assert lines == [t.name for t in PAPER_TASKS]
     assert looked_for(REGISTRY["cub"], tmp_path) == [tmp_path / "wds_cub"]

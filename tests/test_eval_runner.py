@@ -18,7 +18,7 @@ from eval.metrics import classification_metrics
 from eval.runner import run_suite
 from eval.tasks import resolve_tasks
 from eval.zeroshot import evaluate_classification, evaluate_retrieval
-from tests.test_eval import TEMPLATES, _jpeg, _write_wds, make_classification, make_retrieval
+from tests.test_eval import CLASSNAMES, TEMPLATES, _jpeg, _write_wds, make_classification, make_retrieval
 from tests.test_eval_support import TINY_MODEL, write_tiny_model
 
 
@@ -66,6 +66,7 @@ def test_zeroshot_cli_metrics_missing_and_summary(setup, tmp_path):
     assert res["kinetics700"]["main_metric"] == "top1_top5_mean"
     ref = evaluate_retrieval(model, tok, pre, root / "wds_flickr30k")
     assert res["flickr30k"]["mean_recall@1"] == pytest.approx(ref["mean_recall@1"])
+    assert res["flickr30k"]["size_note"].startswith("the paper's split has 1000 images")  # the fixture has 12
     assert res["cub"] == {"task": "cub", "status": "missing", "path": str(root / "wds_cub"),
                           "looked_for": [str(root / "wds_cub")], "main_metric": "acc1"}  # fmt: skip
     # HatefulMemes: AUC of logit[1] - logit[0] with the folder's prompt files
@@ -79,11 +80,13 @@ def test_zeroshot_cli_metrics_missing_and_summary(setup, tmp_path):
     assert summary["paper26"]["average"] == pytest.approx(sum(vals) / 4)
     ret = summary["datacomp_groups"]["Retrieval"]
     assert ret["coverage"] == "1/3" and ret["average"] == pytest.approx(res["flickr30k"]["mean_recall@1"])
-    assert summary["classifier_cache"] == {"hits": 0, "misses": 4}
+    # cifar10, fgvc_aircraft and kinetics700 fixtures share class names and templates: one classifier
+    assert summary["classifier_cache"] == {"hits": 2, "misses": 2}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["p"] == 0.15 and metrics["label"] == "p=0.15" and set(metrics["tasks"]) == set(res)
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_hateful_auc_is_logit_difference_auc():
     logits = torch.tensor([[1.0, 2.0], [3.0, 0.5], [0.2, 0.1], [0.0, 4.0], [2.0, 2.5]])
     target = torch.tensor([1, 0, 0, 1, 0])
@@ -110,6 +113,9 @@ def test_classifier_cache_keys_and_reuse(setup, tmp_path):
     other.get("cifar10", ["a"], TEMPLATES, lambda: calls.append(1) or torch.zeros(4, 1))
     other.get("cifar10", ["a"], TEMPLATES[:1], lambda: calls.append(1) or torch.zeros(4, 1))
     assert len(calls) == 2, "model id and templates are part of the key"
+    shared = ClassifierCache("model@sha256:x", tmp_path / "cache")  # same prompts under another task name
+    shared.get("imagenetv2", CLASSNAMES, TEMPLATES, lambda: calls.append(1) or torch.zeros(4, 6))
+    assert (shared.hits, len(calls)) == (1, 2)
 
 
 def test_bad_inputs_name_what_is_wrong(setup, tmp_path, capsys):
@@ -143,3 +149,46 @@ def test_bad_inputs_name_what_is_wrong(setup, tmp_path, capsys):
     # --keep-going records the error instead and the CLI exits non-zero
     res = run_suite(model, tok, pre, resolve_tasks("cifar10"), broken, cache=ClassifierCache("m"), keep_going=True)
     assert res["tasks"]["cifar10"]["status"] == "error" and "classnames.txt" in res["summary"]["errors"]["cifar10"]
+
+
+def _idx(path: Path, magic: int, array: np.ndarray) -> None:
+    """An MNIST idx file (big-endian header: magic, then each dimension)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = np.array([magic, *array.shape], dtype=">u4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_builder_folders_are_read_offline(setup, tmp_path):
+    """clip_benchmark's torchvision builders read ROOT/<name> without --download; unreadable ones say why."""
+    model, tok, pre = _model(setup)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("t10k", 6)):
+        _idx(raw / f"{split}-images-idx3-ubyte", 0x803, rng.integers(0, 255, (n, 28, 28)))
+        _idx(raw / f"{split}-labels-idx1-ubyte", 0x801, np.arange(n) % 10)
+    (tmp_path / "cifar10").mkdir()  # present but not a torchvision CIFAR-10 folder
+    res = run_suite(model, tok, pre, resolve_tasks("mnist,stl10"), tmp_path, cache=ClassifierCache("m"))
+    mnist = res["tasks"]["mnist"]
+    assert mnist["status"] == "ok" and mnist["path"] == str(tmp_path / "mnist") and mnist["num_samples"] == 6
+    assert mnist["num_classes"] == 10 and mnist["prompt_sources"]["classnames"] == "dataset builder"
+    assert mnist["prompt_sources"]["templates"].endswith("en_zeroshot_classification_templates.json")
+    assert res["tasks"]["stl10"]["looked_for"] == [str(tmp_path / "wds_stl10"), str(tmp_path / "stl10")]
+    with pytest.raises(ValueError, match=r"cifar10: clip_benchmark's 'cifar10' builder could not read .* --download"):
+        run_suite(model, tok, pre, resolve_tasks("cifar10"), tmp_path, cache=ClassifierCache("m"))
+
+
+def test_unreadable_checkpoint_and_model_typo_are_named(setup, tmp_path, capsys):
+    _, config_dir, _, root = setup
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+
+    def run(model: str) -> int:
+        return main(["zeroshot", "--checkpoint", str(bad), "--model", model, "--model-config-dir", str(config_dir),
+                     "--tasks", "cifar10", "--dataset-root", str(root), "--out", str(tmp_path / "o")])  # fmt: skip
+
+    assert run(TINY_MODEL) == 2
+    assert f"--checkpoint {bad} is not a readable open_clip checkpoint" in capsys.readouterr().err
+    assert run("EvalTest-Tiyn") == 2
+    assert "--model 'EvalTest-Tiyn' is not an open_clip model config; did you mean EvalTest-Tiny" in (
+        capsys.readouterr().err
+    )
