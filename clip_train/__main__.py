@@ -2,7 +2,7 @@
 
 Launch one process per GPU with torchrun (``torchrun --nproc-per-node 8 -m clip_train ...``) or
 srun; the same command started again continues from the run's last checkpoint. After
-SIGTERM/SIGUSR1 it writes a checkpoint and exits with status 75 (EX_TEMPFAIL) so a wrapper can requeue.
+SIGTERM/SIGUSR1/SIGUSR2 it writes a checkpoint and exits with status 75 (EX_TEMPFAIL) so a wrapper can requeue.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ does with ``--train-num-samples``. A single process with unknown data size makes
 Resume. A run folder holds ``checkpoints/``, ``train_log.jsonl`` and ``tensorboard/``. Started
 again on the same folder, the run resumes from its last checkpoint (model, optimizer, scaler,
 step, epoch, micro-batch within the epoch, mixing counts) and ends at the same step count. The
-schedule is a function of the step, so restoring the step restores it. SIGTERM or SIGUSR1 make
-the run write a checkpoint at the next step boundary and raise ``Preempted``.
+schedule is a function of the step, so restoring the step restores it. SIGTERM, SIGUSR1 or
+SIGUSR2 (the signal submitit has Slurm send before the time limit; ``$SUBMITIT_PREEMPT_SIGNAL``
+names another) make the run write a checkpoint at the next step boundary and raise ``Preempted``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -52,7 +54,13 @@ from clip_train.model import create_model
 
 log = logging.getLogger(__name__)
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def preempt_signals() -> tuple[int, ...]:
+    """PREEMPT_SIGNALS plus submitit's pre-timeout signal when ``$SUBMITIT_PREEMPT_SIGNAL`` renames it."""
+    named = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    return tuple(dict.fromkeys([*PREEMPT_SIGNALS, *([named] if named else [])]))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,7 +77,12 @@ class Preempted(RuntimeError):
 
 
 class PreemptionFlag:
-    """Turns SIGTERM/SIGUSR1 into a flag checked at step boundaries (a handler must not train or save)."""
+    """Turns preemption signals into a flag checked at step boundaries (a handler must not train or save).
+
+    While active it replaces other handlers of those signals, e.g. submitit's, which would requeue
+    at once and lose the steps since the last checkpoint; ``Preempted.signum`` lets the caller
+    hand the signal on once the checkpoint is written (experiments.launch.PointJob does).
+    """
 
     def __init__(self) -> None:
         self.signum = 0
@@ -84,7 +97,7 @@ class PreemptionFlag:
 
     def __enter__(self) -> PreemptionFlag:
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            for sig in PREEMPT_SIGNALS:
+            for sig in preempt_signals():
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -357,7 +370,7 @@ def train(
 
     ``num_samples`` is the data's size when the caller knows it (sets the epoch length unless
     ``cfg.train_num_samples`` does); ``eval_tasks`` (name -> folder) feed the periodic quick eval.
-    Every rank calls this; only rank 0 writes. Raises ``Preempted`` after SIGTERM/SIGUSR1 and
+    Every rank calls this; only rank 0 writes. Raises ``Preempted`` after a preemption signal and
     ``NonFiniteLossError`` on a NaN/inf loss.
     """
     run_dir = Path(run_dir)
@@ -369,6 +382,7 @@ def train(
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
 
     model, preprocess_train, preprocess_val, tokenizer = create_model(cfg.model, device=device)
+    torch.manual_seed(cfg.seed + env.rank)  # then per-rank randomness (crops, worker seeds), as open_clip does
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = make_optimizer(model, cfg, device)

@@ -3,9 +3,11 @@
 Every run folder gets a ``state.json`` (pending/submitted/running/requeued/finished/failed, the
 job id, requeue count, timestamps), written atomically. The sweep folder gets ``sweep.json``
 (the task, preset, overrides and points), which is what ``status`` and the final report read.
-A job is a :class:`PointJob` (submitit ``Checkpointable``): on submitit's pre-timeout signal it
-requeues itself (up to ``max_requeues`` times) and, started again, ``run_point`` resumes from
-the run folder's latest checkpoint.
+A job is a :class:`PointJob` (submitit ``Checkpointable``). submitit's pre-timeout signal (USR2,
+``sbatch --signal``; also how Slurm tests preemption) first reaches the trainer, which writes a
+checkpoint at the current step and raises ``Preempted``; the job then hands the signal to
+submitit, which requeues it (up to ``max_requeues`` times). Started again, ``run_point`` resumes
+from that checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -24,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import submitit
 
@@ -138,6 +141,11 @@ PRESET_RESOURCES: dict[str, dict[str, Any]] = {
     "embedded": dict(nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=2, mem_gb=8, time_min=60),
     "vit-b-32": dict(nodes=8, gpus_per_node=8, tasks_per_node=8, cpus_per_task=10, mem_gb=480, time_min=72 * 60),
     "vit-h-14": dict(nodes=32, gpus_per_node=8, tasks_per_node=8, cpus_per_task=10, mem_gb=480, time_min=72 * 60),
+    # t2i trains in one process (no DDP yet): one GPU per job.
+    **{
+        name: dict(nodes=1, gpus_per_node=1, tasks_per_node=1, cpus_per_task=10, mem_gb=64, time_min=72 * 60)
+        for name in ("dit-s-2", "dit-b-2", "dit-xl-2")
+    },
 }
 PRESET_SEC_PER_STEP = {"embedded": 0.5, "vit-b-32": 1.5, "vit-h-14": 6.0}
 DEFAULT_SEC_PER_STEP = 1.0
@@ -200,8 +208,14 @@ def sec_per_step_estimate(cfg: Any, run_dirs: list[Path], preset: str) -> tuple[
     return PRESET_SEC_PER_STEP.get(stem, DEFAULT_SEC_PER_STEP), f"the {stem!r} preset's estimate"
 
 
-def time_limit_warning(cfg: Any, res: Resources, run_dirs: list[Path], preset: str) -> str | None:
-    """A warning when the job time limit cannot fit one checkpoint interval (progress would be lost)."""
+def time_limit_warning(
+    cfg: Any, res: Resources, run_dirs: list[Path], preset: str, saves_at_signal: bool = False
+) -> str | None:
+    """A warning when the job time limit cannot fit one checkpoint interval.
+
+    ``saves_at_signal``: the task's trainer writes a checkpoint when the signal arrives (clip), so
+    progress is kept as long as that save fits in the signal delay; otherwise each allocation is lost.
+    """
     every = getattr(cfg, "checkpoint_every", None)
     if not every:
         return None
@@ -216,8 +230,14 @@ def time_limit_warning(cfg: Any, res: Resources, run_dirs: list[Path], preset: s
     return (
         f"warning: --time {res.time_min} min leaves {max(usable, 0):.0f} s before the checkpoint signal, "
         f"shorter than one checkpoint interval (checkpoint_every={every} steps x {sps:.3g} s/step from "
-        f"{source} = {interval:.0f} s); a requeued job would redo the same steps every time. "
-        "Raise --time or lower --set checkpoint_every."
+        f"{source} = {interval:.0f} s); "
+        + (
+            "every allocation then relies on the checkpoint written at the signal, and loses its steps "
+            f"if that save does not finish within --signal-delay-s {res.signal_delay_s}. "
+            if saves_at_signal
+            else "a requeued job would redo the same steps every time. "
+        )
+        + "Raise --time or lower --set checkpoint_every."
     )
 
 
@@ -335,6 +355,11 @@ def rendezvous_probe(out_dir: str) -> dict[str, Any]:
     return info
 
 
+def submitit_signal() -> int:
+    """The signal submitit's job handler requeues on (USR2 unless ``$SUBMITIT_PREEMPT_SIGNAL`` says otherwise)."""
+    return getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+
+
 def job_id_from_env() -> str | None:
     """This job's id as submitit names it (``ARRAY_TASK`` for arrays), or None outside a job."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
@@ -376,18 +401,27 @@ class PointJob(submitit.helpers.Checkpointable):
         try:
             metrics = task.run_point(cfg, Path(spec.out), testbed_dir=spec.testbed_dir, force=spec.force)
         except Exception as e:
+            if task.preempted is not None and isinstance(e, task.preempted):
+                self._preempted(e, rank)
             if rank == 0:
-                if task.preempted is not None and isinstance(e, task.preempted):
-                    # The trainer saved a checkpoint on SIGTERM/SIGUSR1; Slurm (preemption, scontrol
-                    # requeue) or submitit (timeout signal) starts the job again and it resumes.
-                    update_state(run_dir, state="requeued", error=None)
-                else:
-                    update_state(run_dir, state="failed", error=f"{type(e).__name__}: {e}", finished_at=now_iso())
+                update_state(run_dir, state="failed", error=f"{type(e).__name__}: {e}", finished_at=now_iso())
             raise
         if rank == 0:
             update_state(run_dir, state="finished", finished_at=now_iso(), steps=metrics.get("steps"))
             maybe_write_report(Path(spec.out))
         return {"p": spec.p, "run_dir": spec.run_dir, "summary": metrics.get("summary")}
+
+    def _preempted(self, error: BaseException, rank: int) -> NoReturn:
+        """The trainer stopped on a signal after writing a checkpoint at that step: get the job requeued."""
+        signum, step = int(getattr(error, "signum", 0) or 0), getattr(error, "step", None)
+        if rank == 0:
+            update_state(Path(self.spec.run_dir), state="requeued", error=None, preempted_at_step=step)
+        if signum and signum == submitit_signal() and os.environ.get("SUBMITIT_EXECUTOR"):
+            # The trainer held submitit's signal back until its checkpoint was written; its handler
+            # is back in place: on rank 0 it calls checkpoint() below, requeues and exits (on other
+            # ranks it returns). SIGTERM (Slurm's own preemption/requeue) needs nothing: Slurm requeues.
+            signal.raise_signal(signum)
+        raise error
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
         """submitit's timeout/preemption hook: requeue the same call unless the requeue budget is spent."""
@@ -398,7 +432,10 @@ class PointJob(submitit.helpers.Checkpointable):
                 run_dir,
                 state="failed",
                 finished_at=now_iso(),
-                error=f"not requeued: already requeued {done} times (--max-requeues {self.spec.max_requeues})",
+                error=(
+                    f"stopped, not requeued: already requeued {done} time(s) (--max-requeues "
+                    f"{self.spec.max_requeues}); its checkpoint is kept, run the sweep again to continue"
+                ),
             )
             return None
         update_state(run_dir, state="requeued", requeues=done + 1, requeued_at=now_iso())
@@ -567,7 +604,7 @@ def submit_slurm(specs: list[PointSpec], res: Resources, folder: Path, max_reque
     return [job.job_id for job in jobs]
 
 
-def wait_slurm(job_ids: list[str], timeout_s: float | None = None, poll_s: float = 2.0) -> None:
+def wait_slurm(job_ids: list[str], timeout_s: float | None = None, poll_s: float = 0.5) -> None:
     """Block until none of the jobs is queued or running (requeued ones come back as pending)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while squeue_states(job_ids).keys() & set(job_ids):

@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="clip", help="what to train and evaluate")
     parser.add_argument("--p", default="0.15", help="synthetic-caption ratio, or a comma list like 0,0.15,1.0")
-    parser.add_argument("--preset", default="embedded", help=f"one of {', '.join(list_presets())} or a YAML file")
+    parser.add_argument(
+        "--preset",
+        default="embedded",
+        help=f"a preset of --task (clip: {', '.join(list_presets())}; t2i: see t2i/presets) or a YAML file",
+    )
     parser.add_argument("--out", default="runs", help="sweep folder; one run folder per p goes inside")
     parser.add_argument(
         "--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)"
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if res.world_size > 1 and not task.supports_distributed():
         msg = (
             f"--nodes/--tasks-per-node: {res.world_size} processes per job need {task.distributed_module} "
-            "(multi-process training), which is not available yet"
+            f"(multi-process training), which is not available yet; --task {task.name} runs one process per job: "
+            "use --nodes 1 --tasks-per-node 1"
         )
         if not args.dry_run:
             parser.error(msg)
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         verb = "would run" if args.dry_run and action == "run" else action
         print(f"  p={spec.p:g}  {Path(spec.run_dir).name}: {verb} ({reason})")
     if launcher != "inprocess":
-        warning = launch.time_limit_warning(configs[0], res, [Path(s.run_dir) for s in specs], args.preset)
+        run_dirs = [Path(s.run_dir) for s in specs]
+        warning = launch.time_limit_warning(configs[0], res, run_dirs, args.preset, task.preempted is not None)
         if warning:
             print(warning, file=sys.stderr)
     if todo:

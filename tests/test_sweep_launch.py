@@ -181,3 +181,81 @@ def test_status_of_a_folder_that_is_not_a_sweep(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         sweep_main(["status", "--out", str(tmp_path)])
     assert exc.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def _spec(tmp_path: Path, max_requeues: int = 1) -> launch.PointSpec:
+    run = tmp_path / "sweep" / "clip-embedded-p0"
+    args = ("clip", "embedded", {"p": 0.0}, str(run.parent), str(run), 0.0, "h")
+    return launch.PointSpec(*args, max_requeues=max_requeues)
+
+
+def test_requeues_are_bounded_by_max_requeues(tmp_path: Path) -> None:
+    job = launch.PointJob(_spec(tmp_path, max_requeues=1))
+    run = Path(job.spec.run_dir)
+    assert job.checkpoint() is not None  # submitit requeues the same call
+    assert launch.read_state(run)["state"] == "requeued" and launch.read_state(run)["requeues"] == 1
+    assert job.checkpoint() is None  # the 2nd preemption: submitit ends the job instead
+    state = launch.read_state(run)
+    assert state["state"] == "failed" and state["requeues"] == 1
+    assert "not requeued" in state["error"] and "--max-requeues 1" in state["error"]
+
+
+def test_trainer_signals_include_submitits(monkeypatch) -> None:
+    import signal
+
+    from clip_train.train import preempt_signals
+
+    assert {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2} <= set(preempt_signals())
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "HUP")
+    assert signal.SIGHUP in preempt_signals()
+
+
+def test_preempted_point_hands_submitits_signal_back_after_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import signal
+
+    from clip_train.train import Preempted
+
+    job = launch.PointJob(_spec(tmp_path))
+    run = Path(job.spec.run_dir)
+    error = Preempted(3, run / "checkpoints" / "step_00000003.pt", signal.SIGUSR2)
+
+    # A plain run (no submitit): the state says requeued at step 3 and the error goes up (exit 75 in the CLI).
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    with pytest.raises(Preempted):
+        job._preempted(error, rank=0)
+    assert launch.read_state(run)["state"] == "requeued" and launch.read_state(run)["preempted_at_step"] == 3
+
+    # In a submitit job: submitit's handler gets the signal now that the checkpoint exists.
+    got: list[int] = []
+
+    def submitit_handler(signum: int, frame: object) -> None:
+        got.append(signum)
+        raise SystemExit(-1)  # as submitit's handler does after requeueing
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    old = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SystemExit):
+            job._preempted(error, rank=0)
+        # SIGTERM is Slurm's own preemption/requeue: nothing to hand on, Slurm requeues.
+        with pytest.raises(Preempted):
+            job._preempted(Preempted(4, None, signal.SIGTERM), rank=0)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert got == [signal.SIGUSR2]
+
+
+def test_status_of_a_t2i_sweep(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep"
+    points = [{"p": p, "run_dir": f"t2i-embedded-p{p:g}", "config_hash": "h"} for p in (0.0, 1.0)]
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"task": "t2i", "preset": "embedded", "points": points}))
+    launch.update_state(out / "t2i-embedded-p0", state="finished", launcher="inprocess", job_id=None)
+    launch.update_state(out / "t2i-embedded-p1", state="failed", launcher="local", job_id="123", error="boom")
+    (out / "t2i-embedded-p1" / "checkpoints").mkdir()
+    (out / "t2i-embedded-p1" / "checkpoints" / "step_00000040.pt").write_bytes(b"")
+    assert sweep_main(["status", "--out", str(out)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[:3] == ["0", "t2i-embedded-p0", "finished"]
+    assert rows[2].split()[:6] == ["1", "t2i-embedded-p1", "failed", "123", "0", "step_00000040"]
+    assert rows[2].endswith("boom")
