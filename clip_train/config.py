@@ -6,16 +6,17 @@ Presets are plain YAML in ``clip_train/presets`` so two setups can be diffed lin
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from caption_mixing import presets
 from caption_mixing.long_captions import POLICIES as LONG_CAPTION_POLICIES
 from caption_mixing.mixing import ALT, PER_SAMPLE, PER_VISIT, Mixture
+from caption_mixing.presets import parse_overrides
 from caption_mixing.schedules import PSchedule, parse_schedule
+
+__all__ = ["ClipTrainConfig", "list_presets", "load_config", "parse_overrides", "validate"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRECISIONS = ("fp32", "amp_bf16", "amp")
@@ -105,84 +106,19 @@ class ClipTrainConfig:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _field_types() -> dict[str, Any]:
-    return {f.name: f.type for f in dataclasses.fields(ClipTrainConfig)}
-
-
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-
-
-def _coerce(key: str, value: Any, source: str) -> Any:
-    """Parse one value to its field's type; the message names the source file or flag and the key."""
-    kind = str(_field_types()[key])
-    if value is None:
-        if "None" in kind:
-            return None
-        raise ValueError(f"{source}: {key} cannot be empty")
-    base = kind.split("|")[0].strip()
-    try:
-        if base == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in _BOOL_WORDS:
-                return _BOOL_WORDS[str(value).lower()]
-            raise ValueError
-        if base == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if base == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{source}: {key}={value!r} is not a valid {kind}") from None
-
-
-def _check_keys(keys: list[str], source: str) -> None:
-    known = _field_types()
-    for key in keys:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"{source}: unknown config key {key!r}{hint}")
+    return presets.list_presets(PRESET_DIR)
 
 
 def load_config(preset: str = "embedded", overrides: dict[str, Any] | None = None) -> ClipTrainConfig:
     """Resolve a preset (name in clip_train/presets or a YAML path) plus overrides."""
-    path = Path(preset)
-    if not path.suffix:
-        path = PRESET_DIR / f"{preset}.yaml"
-    if not path.exists():
-        raise ValueError(f"--preset: {preset!r} is neither a preset ({', '.join(list_presets())}) nor a YAML file")
-    raw = yaml.safe_load(path.read_text()) or {}
-    _check_keys(list(raw), str(path))
-    values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
     overrides = overrides or {}
-    _check_keys(list(overrides), "--set")
-    values.update({k: _coerce(k, v, "--set") for k, v in overrides.items()})
-    values["preset"] = preset
+    values = presets.resolve_preset(ClipTrainConfig, PRESET_DIR, preset, overrides)
     if values.get("captions") and "p" not in overrides:  # p follows the written mixture
         weights = Mixture.parse(values["captions"], flag="captions").weights
         values["p"] = round(1.0 - dict(weights).get(ALT, 0.0), 12)
     cfg = ClipTrainConfig(**values)
     validate(cfg)
     return cfg
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["lr=1e-4", "workers=4"]`` -> dict, values parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set: {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def validate(cfg: ClipTrainConfig) -> None:

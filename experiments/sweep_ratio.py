@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
 
-    from clip_train.config import parse_overrides
+    from caption_mixing.presets import parse_overrides
     from experiments import launch
     from experiments.tasks import TaskUnavailableError, get_task
 

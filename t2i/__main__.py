@@ -102,20 +102,22 @@ def main(argv: list[str] | None = None) -> int:
             print(metrics["notice"])
         return 0
     # train: same run folder as `run`, without the evaluation
+    from accelerate.state import PartialState
+
     from caption_mixing.provenance import write_run_metadata
+    from t2i.train import cpu_threads
     from t2i.train import train as train_fn
 
     run_dir = experiment.run_dir_for(Path(args.out), cfg)
     experiment.check_run_dir(run_dir, cfg, args.force)
-    res = experiment.resolve(cfg, args.testbed_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
-    ckpt = train_fn(cfg, run_dir, res.data, res.vae, res.text_encoder, res.text_encoder_model)
-    from accelerate.state import PartialState
-
-    if PartialState().is_main_process:
-        out = experiment.export_run_pipeline(cfg, run_dir, ckpt, res)
-        print(json.dumps({"checkpoint": str(ckpt), "pipeline": str(out)}))
+    with cpu_threads(cfg):
+        res = experiment.resolve(cfg, args.testbed_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
+        ckpt = train_fn(cfg, run_dir, res.data, res.vae, res.text_encoder, res.text_encoder_model)
+        if PartialState().is_main_process:
+            out = experiment.export_run_pipeline(cfg, run_dir, ckpt, res)
+            print(json.dumps({"checkpoint": str(ckpt), "pipeline": str(out)}))
     return 0
 
 

@@ -7,13 +7,15 @@ diffed line by line; unknown keys get the closest known names; errors name the f
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from caption_mixing import presets
+from caption_mixing.presets import parse_overrides
+
+__all__ = ["EMBEDDED", "T2IConfig", "list_presets", "load_config", "parse_overrides", "validate"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
 EMBEDDED = "embedded"
@@ -104,76 +106,14 @@ class T2IConfig:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _field_types() -> dict[str, str]:
-    return {f.name: str(f.type) for f in dataclasses.fields(T2IConfig)}
-
-
-def _coerce(key: str, value: Any, source: str) -> Any:
-    kind = _field_types()[key]
-    if value is None:
-        if "None" in kind:
-            return None
-        raise ValueError(f"{source}: {key} cannot be empty")
-    try:
-        if kind.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{source}: {key}={value!r} is not a valid {kind}") from None
-
-
-def _check_keys(keys: list[str], source: str) -> None:
-    known = _field_types()
-    for key in keys:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"{source}: unknown config key {key!r}{hint}")
+    return presets.list_presets(PRESET_DIR)
 
 
 def load_config(preset: str = EMBEDDED, overrides: dict[str, Any] | None = None) -> T2IConfig:
     """Resolve a preset (name in t2i/presets or a YAML path) plus overrides."""
-    path = Path(preset)
-    if not path.suffix:
-        path = PRESET_DIR / f"{preset}.yaml"
-    if not path.exists():
-        raise ValueError(f"--preset: {preset!r} is neither a preset ({', '.join(list_presets())}) nor a YAML file")
-    raw = yaml.safe_load(path.read_text()) or {}
-    _check_keys(list(raw), str(path))
-    values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
-    overrides = overrides or {}
-    _check_keys(list(overrides), "--set")
-    values.update({k: _coerce(k, v, "--set") for k, v in overrides.items()})
-    values["preset"] = preset
-    cfg = T2IConfig(**values)
+    cfg = T2IConfig(**presets.resolve_preset(T2IConfig, PRESET_DIR, preset, overrides))
     validate(cfg)
     return cfg
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["lr=1e-4", "workers=4"]`` -> dict, values parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set: {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def validate(cfg: T2IConfig) -> None:

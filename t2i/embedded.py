@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -144,28 +145,43 @@ def ensure_embedded_components(cfg: T2IConfig, testbed) -> EmbeddedComponents:
         print(f"t2i embedded components: reusing {root}", flush=True)
         return comps
     print(f"t2i embedded components: building {root}", flush=True)
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+    # Built in a private folder and renamed into place: an interrupted or concurrent build never leaves a
+    # half-written ``root`` that a sweep point could pick up.
+    tmp = root.with_name(f".{root.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     train_shards, _ = embedded_split(testbed.train_shards)
     t0 = time.perf_counter()
     ccfg = clip_config(
         "embedded",
         {"p": cfg.embedded_clip_p, "samples_seen": cfg.embedded_clip_samples, "batch_size": 64, "seed": cfg.seed},
     )
-    ckpt = clip_train(ccfg, root / "clip_run", train_shards)
-    shutil.copyfile(ckpt, comps.clip_checkpoint)
-    export_open_clip_text(comps.clip_checkpoint, EMBEDDED_CLIP_MODEL, comps.text_encoder)
+    ckpt = clip_train(ccfg, tmp / "clip_run", train_shards)
+    shutil.copyfile(ckpt, tmp / comps.clip_checkpoint.name)
+    export_open_clip_text(tmp / comps.clip_checkpoint.name, EMBEDDED_CLIP_MODEL, tmp / comps.text_encoder.name)
     t1 = time.perf_counter()
-    train_tiny_vae(comps.vae, train_shards, cfg)
+    train_tiny_vae(tmp / comps.vae.name, train_shards, cfg)
     t2 = time.perf_counter()
     atomic_write_json(
-        root / DONE,
+        tmp / DONE,
         {
             "notice": "Embedded components trained on the synthetic testbed; not paper models.",
             "clip_model": EMBEDDED_CLIP_MODEL,
             "clip_p": cfg.embedded_clip_p,
+            "clip_samples": cfg.embedded_clip_samples,
+            "vae_steps": cfg.embedded_vae_steps,
             "clip_seconds": round(t1 - t0, 1),
             "vae_seconds": round(t2 - t1, 1),
         },
     )
+    if (root / DONE).exists():  # another process finished first: use its build
+        shutil.rmtree(tmp, ignore_errors=True)
+        return comps
+    shutil.rmtree(root, ignore_errors=True)  # an incomplete folder (older versions built in place)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # lost a race with another process
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / DONE).exists():
+            raise
     return comps

@@ -20,7 +20,7 @@ from caption_mixing.provenance import write_run_metadata
 from caption_mixing.shards import expand_shards
 from clip_train.experiment import RunConflictError, check_run_dir  # noqa: F401  (re-exported)
 from t2i.config import EMBEDDED, T2IConfig
-from t2i.train import DataSpec, ema_transformer, resolve_device, train
+from t2i.train import DataSpec, cpu_threads, ema_transformer, resolve_device, train
 
 TESTBED_NOTICE = "Embedded synthetic testbed: numbers exercise the suite and are not paper results."
 
@@ -106,6 +106,25 @@ def export_run_pipeline(cfg: T2IConfig, run_dir: Path, ckpt: Path, res: Resolved
     return export_pipeline(run_dir / "pipeline", cfg, transformer, vae, text)
 
 
+def reference_scores(judge, items: list[dict], size: tuple[int, int], seed: int) -> dict:
+    """The judge's scores for the held-out real images (ceiling) and uniform-noise images (floor), same prompts."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    noise = [
+        Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+        for _ in items
+    ]
+    sets = {"noise_images": noise}
+    if all(it["image"] is not None for it in items):
+        sets["real_images"] = [it["image"] for it in items]
+    columns = {"original": "alt", "synthetic": "synthetic"}
+    return {
+        name: {col: judge.mean_score(imgs, [it[key] for it in items]) for col, key in columns.items()}
+        for name, imgs in sets.items()
+    }
+
+
 def evaluate_pipeline(cfg: T2IConfig, run_dir: Path, pipeline_dir: Path, res: Resolved) -> dict:
     """Generate from held-out alt-texts and synthetic captions; CLIP-score each against its prompt."""
     from t2i.evaluate import ClipJudge, fid_score, holdout_prompts, load_open_clip
@@ -153,6 +172,7 @@ def evaluate_pipeline(cfg: T2IConfig, run_dir: Path, pipeline_dir: Path, res: Re
         "guidance_scale": cfg.guidance_scale,
     }
     real = [it["image"] for it in items if it["image"] is not None]
+    metrics["clip_score_reference"] = reference_scores(judge, items, images["alt"][0].size, cfg.sample_seed)
     if cfg.fid_inception_weights and real:
         metrics["fid"] = {col: fid_score(real, images[col], cfg.fid_inception_weights) for col in ("alt", "synthetic")}
     return metrics
@@ -160,6 +180,11 @@ def evaluate_pipeline(cfg: T2IConfig, run_dir: Path, pipeline_dir: Path, res: Re
 
 def run_point(cfg: T2IConfig, out: Path, testbed_dir: str | None = None, force: bool = False) -> dict:
     """Train, export and evaluate one p; return the metrics dict (also written to ``metrics.json``)."""
+    with cpu_threads(cfg):
+        return _run_point(cfg, out, testbed_dir, force)
+
+
+def _run_point(cfg: T2IConfig, out: Path, testbed_dir: str | None, force: bool) -> dict:
     run_dir = run_dir_for(out, cfg)
     state = check_run_dir(run_dir, cfg, force)
     if state == "done":

@@ -22,14 +22,23 @@ def format_table(runs: list[dict]) -> str:
         "| training data | original prompt | synthetic prompt | prompts | steps |",
         "|---|---|---|---|---|",
     ]
+
+    def cell(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f}"
+
     for run in sorted(runs, key=lambda r: r.get("p", 0)):
         cs = run.get("clip_score", {})
         orig, syn = cs.get("original"), cs.get("synthetic")
-        cell = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
         lines.append(
             f"| {_row_label(run)} | {cell(orig)} | {cell(syn)} "
             f"| {run.get('eval_prompts', 'n/a')} | {run.get('steps', 'n/a')} |"
         )
+    ref = next((r for r in runs if r.get("clip_score_reference")), None)
+    labels = {"real_images": "held-out real images (ceiling)", "noise_images": "uniform-noise images (floor)"}
+    for name, label in labels.items():
+        cs = (ref or {}).get("clip_score_reference", {}).get(name)
+        if cs:
+            lines.append(f"| {label} | {cell(cs['original'])} | {cell(cs['synthetic'])} | {ref['eval_prompts']} | - |")
     return "\n".join(lines)
 
 
@@ -42,7 +51,9 @@ def write_t2i_report(runs: list[dict], out_dir: str | Path, notice: str | None =
         "# Text-to-image: CLIP similarity of generated images with their prompts",
         "",
         f"CLIP similarity = 100 x cosine (torchmetrics CLIPScore), judged by open_clip `{judge}`; "
-        "held-out samples, one image from the original alt-text and one from the synthetic caption.",
+        "held-out samples, one image from the original alt-text and one from the synthetic caption. "
+        "The last two rows score held-out real images and uniform noise with the same prompts "
+        "(the judge's ceiling and floor).",
         "",
         format_table(runs),
         "",

@@ -118,7 +118,16 @@ def test_run_point_trains_exports_samples_scores_and_resumes(world: dict, tmp_pa
     ema = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["ema"]
     assert torch.equal(pipe.transformer.state_dict()["proj_out.weight"], ema["proj_out.weight"])
 
-    # Same folder, more steps: resumes from step 3 instead of starting over.
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert prov["seed"] == cfg.seed and prov["packages"]["diffusers"] and "commit" in prov["git"]
+    assert json.loads((run_dir / "config.json").read_text())["config_hash"]
+    assert metrics["clip_score_reference"]["real_images"]["synthetic"] >= 0.0
+
+    # Same folder, more steps: resumes from step 3 instead of starting over; a temp file left by an
+    # interrupted checkpoint write and log records past the checkpoint are ignored / dropped.
+    (run_dir / "checkpoints" / ".step_00000004.pt.abc.tmp").write_bytes(b"partial")
+    with (run_dir / "train_log.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     more = load_config("embedded", {**world["overrides"], "p": 1.0, "max_steps": 5})
     res = resolve(more)
     ckpt = train(more, run_dir, res.data, res.vae, res.text_encoder)
@@ -133,7 +142,7 @@ def test_run_point_trains_exports_samples_scores_and_resumes(world: dict, tmp_pa
         check_pipeline_folder(broken)
 
 
-def test_sample_command_writes_images(world: dict, tmp_path: Path) -> None:
+def test_sample_command_writes_images(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from t2i.__main__ import main
     from t2i.components import load_text_encoder, load_vae
     from t2i.model import build_transformer
@@ -161,6 +170,7 @@ def test_sample_command_writes_images(world: dict, tmp_path: Path) -> None:
         == 0
     )
     assert sorted(p.name for p in (tmp_path / "out").glob("0*.png")) == ["00000.png", "00001.png"]
+    assert "1 of 2 prompts are longer than 64 tokens and were truncated" in capsys.readouterr().out
     lines = (tmp_path / "out" / "prompts.jsonl").read_text().splitlines()
     assert [json.loads(line)["seed"] for line in lines] == [0, 1]
 

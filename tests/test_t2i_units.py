@@ -136,7 +136,76 @@ def test_report_layout(tmp_path: Path) -> None:
     rows = table.splitlines()
     assert rows[0].startswith("| training data | original prompt | synthetic prompt")
     assert "alt-texts only (p=0) | 20.0 | 19.0" in rows[2] and "p=1 (no alt-text) | 21.2 | 24.5" in rows[3]
+    runs[1]["clip_score_reference"] = {
+        "real_images": {"original": 30.0, "synthetic": 50.0},
+        "noise_images": {"original": 25.0, "synthetic": 4.0},
+    }
+    rows = format_table(runs).splitlines()
+    assert rows[4].startswith("| held-out real images (ceiling) | 30.0 | 50.0 | 16 |")
+    assert rows[5].startswith("| uniform-noise images (floor) | 25.0 | 4.0 | 16 |")
     paths = write_t2i_report(runs, tmp_path / "report", notice="testbed notice")
     md = paths["markdown"].read_text()
     assert "testbed notice" in md and "t2i_grid_p1.png" in md and paths["grid_p0"].is_file()
     assert json.loads(paths["json"].read_text())["runs"][0]["p"] == 1.0
+
+
+def test_cpu_threads_leave_a_core_per_loader_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2i.train import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with cpu_threads(load_config("embedded", {"workers": 1, "device": "cpu"})) as n:
+            assert n == torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # an explicit setting wins
+        with cpu_threads(load_config("embedded", {"workers": 1, "device": "cpu"})) as n:
+            assert n == 2
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_drop_log_after_keeps_records_up_to_the_resumed_step(tmp_path: Path) -> None:
+    from t2i.train import drop_log_after
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)))
+    drop_log_after(log, 3)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_embedded_components_are_built_once_into_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's points share one build; the folder appears only when complete (built aside, then renamed)."""
+    from types import SimpleNamespace
+
+    import t2i.components
+    import t2i.embedded as emb
+
+    for i in range(2):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+    testbed = SimpleNamespace(
+        root=tmp_path / "testbed", fingerprint="fp", train_shards=str(tmp_path / "{00000..00001}.tar")
+    )
+    calls: list[str] = []
+
+    def fake_clip_train(cfg, run_dir: Path, shards) -> Path:
+        calls.append("clip")
+        assert shards == [str(tmp_path / "00000.tar")]  # the last shard is held out
+        assert run_dir.parent.name.startswith(".t2i-embedded-fp-")  # built aside, not in the final folder
+        run_dir.mkdir(parents=True)
+        (run_dir / "step.pt").write_bytes(b"ckpt")
+        return run_dir / "step.pt"
+
+    monkeypatch.setattr("clip_train.train.train", fake_clip_train)
+    monkeypatch.setattr(t2i.components, "export_open_clip_text", lambda ckpt, name, out: Path(out).mkdir())
+    monkeypatch.setattr(emb, "train_tiny_vae", lambda out, shards, cfg: calls.append("vae") or Path(out).mkdir())
+    cfg = load_config("embedded")
+    first = emb.ensure_embedded_components(cfg, testbed)
+    again = emb.ensure_embedded_components(load_config("embedded", {"p": 0.0, "max_steps": 7}), testbed)
+    assert calls == ["clip", "vae"] and first == again
+    assert first.clip_checkpoint.read_bytes() == b"ckpt" and first.vae.is_dir() and first.text_encoder.is_dir()
+    assert [p.name for p in tmp_path.glob("*t2i-embedded-*")] == [first.root.name]  # no temp folder left
+    other = emb.ensure_embedded_components(load_config("embedded", {"embedded_vae_steps": 10}), testbed)
+    assert other.root != first.root and calls == ["clip", "vae", "clip", "vae"]
