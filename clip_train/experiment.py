@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -38,8 +39,15 @@ def load_testbed(testbed_dir: str | None = None):
     return ensure_testbed(testbed_dir)
 
 
-def resolve_data(cfg: ClipTrainConfig, testbed_dir: str | None = None) -> tuple[str, dict[str, str], bool]:
-    """(train shard pattern, eval tasks name->folder, uses_testbed) for a config."""
+class Data(NamedTuple):
+    shards: str  # train shard pattern
+    tasks: dict[str, str]  # eval task name -> folder
+    uses_testbed: bool
+    num_samples: int | None  # the training set's size when known (the testbed's)
+
+
+def resolve_data(cfg: ClipTrainConfig, testbed_dir: str | None = None) -> Data:
+    """Where a config's training and eval data are (the testbed is loaded at most once)."""
     uses_testbed = cfg.train_shards == "embedded" or cfg.eval_tasks == "embedded"
     testbed = load_testbed(testbed_dir) if uses_testbed else None
     shards = testbed.train_shards if cfg.train_shards == "embedded" else cfg.train_shards
@@ -54,7 +62,8 @@ def resolve_data(cfg: ClipTrainConfig, testbed_dir: str | None = None) -> tuple[
             tasks[name.strip()] = path.strip()
     else:
         tasks = {}
-    return shards, tasks, uses_testbed
+    num_samples = testbed.num_train if cfg.train_shards == "embedded" else None
+    return Data(shards, tasks, uses_testbed, num_samples)
 
 
 def run_dir_for(out: Path, cfg: ClipTrainConfig) -> Path:
@@ -98,8 +107,7 @@ def run_point(cfg: ClipTrainConfig, out: Path, testbed_dir: str | None = None, f
     if state == "done":
         print(f"{run_dir}: finished earlier with the same config; reusing its metrics.json")
         return json.loads((run_dir / "metrics.json").read_text())
-    shards, tasks, uses_testbed = resolve_data(cfg, testbed_dir)
-    num_samples = load_testbed(testbed_dir).num_train if cfg.train_shards == "embedded" else None
+    shards, tasks, uses_testbed, num_samples = resolve_data(cfg, testbed_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)

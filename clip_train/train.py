@@ -296,7 +296,7 @@ def _resolve_eval_tasks(cfg: ClipTrainConfig, given: dict[str, str] | None) -> d
     if tasks is None:
         from clip_train.experiment import resolve_data
 
-        _, tasks, _ = resolve_data(cfg)
+        tasks = resolve_data(cfg).tasks
     if not cfg.quick_eval_tasks:
         return dict(tasks)
     names = [n.strip() for n in cfg.quick_eval_tasks.split(",") if n.strip()]

@@ -378,11 +378,8 @@ class PointJob(submitit.helpers.Checkpointable):
         run_dir = Path(spec.run_dir)
         rank, world = setup_distributed()
         task = get_task(spec.task)
-        if world > 1 and not task.supports_distributed():
-            raise RuntimeError(
-                f"{world} tasks per job need {task.distributed_module}, which is not available; "
-                "use --tasks-per-node 1 --nodes 1"
-            )
+        if (msg := task.one_process_error(world)) is not None:
+            raise RuntimeError(msg)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
         if rank == 0:
             previous = read_state(run_dir)

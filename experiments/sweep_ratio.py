@@ -137,12 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from caption_mixing.presets import parse_overrides
     from experiments import launch
-    from experiments.tasks import TaskUnavailableError, get_task
+    from experiments.tasks import get_task
 
-    try:
-        task = get_task(args.task)
-    except TaskUnavailableError as e:
-        parser.error(str(e))
+    task = get_task(args.task)
     res = _resources(args, parser)
     launcher = args.launcher or "inprocess"
     if args.wait and launcher != "slurm":
@@ -173,15 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for cfg in configs
     ]
-    if res.world_size > 1 and not task.supports_distributed():
-        msg = (
-            f"--nodes/--tasks-per-node: {res.world_size} processes per job need {task.distributed_module} "
-            f"(multi-process training), which is not available yet; --task {task.name} runs one process per job: "
-            "use --nodes 1 --tasks-per-node 1"
-        )
-        if not args.dry_run:
-            parser.error(msg)
-        print(f"note: {msg}", file=sys.stderr)
+    if (msg := task.one_process_error(res.world_size)) is not None:
+        parser.error(msg)
 
     # Plan every point before touching anything: a conflict anywhere stops the whole sweep.
     plans = [launch.plan_point(spec) for spec in specs]

@@ -22,7 +22,6 @@ import torch
 from caption_mixing.testbed import TestbedConfig, build_testbed
 from experiments import launch
 from experiments.sweep_ratio import main as sweep_main
-from experiments.tasks import get_task
 
 REPO = Path(__file__).resolve().parent.parent
 # Shards of 8 samples: with shuffle_buffer=0, a 2-rank job's per-rank batches of 8 are whole shards,
@@ -214,11 +213,10 @@ class NoCropPointJob(launch.PointJob):
 def _params(run: Path, step: int) -> dict[str, torch.Tensor]:
     """Trained parameters of a checkpoint; BatchNorm's running statistics are left out (each rank
     keeps those of its own batches, there is no SyncBN, as in open_clip)."""
-    state = torch.load(run / "checkpoints" / f"step_{step:08d}.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run / "checkpoints" / f"step_{step:08d}.pt", map_location="cpu", weights_only=True)
     return {k: v for k, v in state["state_dict"].items() if v.is_floating_point() and "running_" not in k}
 
 
-@pytest.mark.skipif(not get_task("clip").supports_distributed(), reason="clip_train has no DDP training yet")
 def test_two_task_sweep_point_trains_with_ddp_like_one_process(
     slurm, testbed_dir: str, tmp_path: Path, monkeypatch, capsys
 ):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from caption_mixing.testbed import TestbedConfig, build_testbed
 from experiments import launch
 from experiments.sweep_ratio import main as sweep_main
-from experiments.tasks import TaskUnavailableError, get_task
+from experiments.tasks import get_task
 
 TINY = TestbedConfig(num_train=384, shard_size=96, eval_per_class=2, eval_per_class_small=4, num_retrieval=16, seed=3)
 # 2 steps of 16: the 2 shared cores run a step in 1-3 s under load.
@@ -122,26 +121,20 @@ def test_local_gpu_slots_never_share_a_gpu(monkeypatch) -> None:
     assert all(s == () for s in launch.local_slots(launch.Resources(gpus_per_node=0, cpus_per_task=1)))
 
 
-def test_t2i_task_is_guarded(tmp_path: Path, capsys) -> None:
-    ready = all(importlib.util.find_spec(m) for m in ("t2i.config", "t2i.experiment", "t2i.report"))
-    if ready:
-        try:
-            get_task("t2i")
-        except TaskUnavailableError as e:  # modules exist but the agreed functions are missing
-            assert "--task t2i" in str(e)
-        return
-    with pytest.raises(TaskUnavailableError, match="--task t2i: .*not available yet; missing t2i\\."):
-        get_task("t2i")
+def test_tasks_resolve_and_one_process_tasks_refuse_multi_process_jobs(tmp_path: Path, capsys) -> None:
+    import t2i.experiment
+
+    t2i_task = get_task("t2i")
+    assert t2i_task.run_point is t2i.experiment.run_point and not t2i_task.distributed
+    assert get_task("clip").distributed and get_task("clip").one_process_error(8) is None
+    with pytest.raises(ValueError, match="--task: unknown task 'dit'"):
+        get_task("dit")
+    argv = ["--task", "t2i", "--p", "1.0", "--out", str(tmp_path / "s"), "--launcher", "slurm", "--dry-run"]
     with pytest.raises(SystemExit) as exc:
-        sweep_main(["--task", "t2i", "--p", "1.0", "--out", str(tmp_path / "s"), "--dry-run"])
-    assert exc.value.code == 2 and "--task t2i" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(get_task("clip").supports_distributed(), reason="clip_train runs DDP now")
-def test_multi_process_jobs_need_distributed_support(tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit):
-        sweep_main(["--p", "0", "--out", str(tmp_path / "s"), "--launcher", "slurm", "--tasks-per-node", "2"])
-    assert "--tasks-per-node" in capsys.readouterr().err
+        sweep_main([*argv, "--tasks-per-node", "2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--task t2i trains in one process per job" in err and "--tasks-per-node 1" in err
+    assert sweep_main([*argv, "--tasks-per-node", "1"]) == 0  # the same sweep with one process per job plans fine
 
 
 def test_local_launcher_sweep_state_status_and_rerun(testbed_dir: str, tmp_path: Path, capsys) -> None:
