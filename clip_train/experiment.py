@@ -107,7 +107,12 @@ def run_point(cfg: ClipTrainConfig, out: Path, testbed_dir: str | None = None, f
     if state == "done":
         print(f"{run_dir}: finished earlier with the same config; reusing its metrics.json")
         return json.loads((run_dir / "metrics.json").read_text())
-    shards, tasks, uses_testbed, num_samples = resolve_data(cfg, testbed_dir)
+    if env.is_main:  # rank 0 builds the testbed if it must; the others then reuse it
+        data = resolve_data(cfg, testbed_dir)
+    barrier(env)
+    if not env.is_main:
+        data = resolve_data(cfg, testbed_dir)
+    shards, tasks, uses_testbed, num_samples = data
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)

@@ -376,10 +376,8 @@ class PointJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         spec = self.spec
         run_dir = Path(spec.run_dir)
-        rank, world = setup_distributed()
+        rank, _ = setup_distributed()
         task = get_task(spec.task)
-        if (msg := task.one_process_error(world)) is not None:
-            raise RuntimeError(msg)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
         if rank == 0:
             previous = read_state(run_dir)

@@ -170,8 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         for cfg in configs
     ]
-    if (msg := task.one_process_error(res.world_size)) is not None:
-        parser.error(msg)
 
     # Plan every point before touching anything: a conflict anywhere stops the whole sweep.
     plans = [launch.plan_point(spec) for spec in specs]

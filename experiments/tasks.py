@@ -26,21 +26,11 @@ class Task:
     write_report: Callable[..., dict]
     run_dir_for: Callable[[Path, Any], Path]
     notice: str
-    distributed: bool  # whether one job may run several processes (DDP); otherwise one process per job
     preempted: type[BaseException] | None = None  # raised by the trainer after a preemption checkpoint
 
     def config_hash(self, cfg: Any) -> str:
         """The hash run folders record in config.json (the same one run_point writes)."""
         return config_hash(cfg.to_dict())
-
-    def one_process_error(self, world_size: int) -> str | None:
-        """Why a job of ``world_size`` processes can't run this task (None when it can)."""
-        if world_size <= 1 or self.distributed:
-            return None
-        return (
-            f"--task {self.name} trains in one process per job (no DDP), but --nodes x --tasks-per-node asks for "
-            f"{world_size}; use --nodes 1 --tasks-per-node 1"
-        )
 
     def report(self, runs: list[dict], out: Path, title: str, notice: str | None) -> dict:
         """Write the sweep report with whatever keyword arguments the task's writer accepts."""
@@ -67,7 +57,6 @@ def _clip() -> Task:
         write_report=write_sweep_report,
         run_dir_for=run_dir_for,
         notice=TESTBED_NOTICE,
-        distributed=True,
         preempted=Preempted,
     )
 
@@ -85,7 +74,6 @@ def _t2i() -> Task:
         write_report=write_t2i_report,
         run_dir_for=run_dir_for,
         notice=TESTBED_NOTICE,
-        distributed=False,
     )
 
 

@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         metrics = experiment.run_point(cfg, Path(args.out), args.testbed_dir, args.force)
+        if "rank" in metrics:  # a rank > 0 of a multi-process run: rank 0 reports
+            return 0
         from t2i.report import format_table
 
         print(format_table([metrics]))
@@ -102,20 +104,16 @@ def main(argv: list[str] | None = None) -> int:
             print(metrics["notice"])
         return 0
     # train: same run folder as `run`, without the evaluation
-    from accelerate.state import PartialState
-
-    from caption_mixing.provenance import write_run_metadata
     from t2i.train import cpu_threads
     from t2i.train import train as train_fn
 
-    run_dir = experiment.run_dir_for(Path(args.out), cfg)
-    experiment.check_run_dir(run_dir, cfg, args.force)
     with cpu_threads(cfg):
-        res = experiment.resolve(cfg, args.testbed_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
+        dist, run_dir, res = experiment.start_run(cfg, Path(args.out), args.testbed_dir, args.force)
+        if res is None:
+            print(f"{run_dir}: finished earlier with the same config (see its metrics.json)")
+            return 0
         ckpt = train_fn(cfg, run_dir, res.data, res.vae, res.text_encoder, res.text_encoder_model)
-        if PartialState().is_main_process:
+        if dist.is_main_process:
             out = experiment.export_run_pipeline(cfg, run_dir, ckpt, res)
             print(json.dumps({"checkpoint": str(ckpt), "pipeline": str(out)}))
     return 0

@@ -56,6 +56,7 @@ class T2IConfig:
     weight_decay: float = 0.03
     beta1: float = 0.9
     beta2: float = 0.999
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: float = 0.9999

@@ -86,7 +86,8 @@ class ClipJudge:
 
         self.processor = OpenClipProcessor(preprocess, tokenizer)
         self.adapter = OpenClipForCLIPScore(model, self.processor.context)
-        self.metric = CLIPScore(model_name_or_path=lambda: (self.adapter, self.processor))
+        # Rank 0 alone evaluates a multi-process run: no cross-rank sync (it would wait for the others).
+        self.metric = CLIPScore(model_name_or_path=lambda: (self.adapter, self.processor), sync_on_compute=False)
 
     @torch.no_grad()
     def mean_score(self, images: list[Image.Image], prompts: list[str]) -> float:
@@ -144,7 +145,7 @@ def fid_score(real: list[Image.Image], fake: list[Image.Image], weights: str) ->
 
     if not Path(weights).is_file():
         raise FileNotFoundError(f"fid_inception_weights={weights!r}: no such file")
-    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights)
+    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights, sync_on_compute=False)
     size = 299
     for batch, is_real in ((real, True), (fake, False)):
         x = pil_to_uint8([i.resize((size, size), Image.BICUBIC) for i in batch])

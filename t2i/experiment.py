@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from caption_mixing.atomic import atomic_write_json, atomic_write_text
 from caption_mixing.provenance import write_run_metadata
@@ -184,21 +185,42 @@ def run_point(cfg: T2IConfig, out: Path, testbed_dir: str | None = None, force: 
         return _run_point(cfg, out, testbed_dir, force)
 
 
-def _run_point(cfg: T2IConfig, out: Path, testbed_dir: str | None, force: bool) -> dict:
+def start_run(
+    cfg: T2IConfig, out: Path, testbed_dir: str | None, force: bool
+) -> tuple[PartialState, Path, Resolved | None]:
+    """Every rank: check the run folder, resolve data and components, and let rank 0 write the config
+    and provenance. Rank 0 resolves first, so it alone builds the embedded testbed and components and
+    the other ranks reuse them. ``Resolved`` is None when the folder finished earlier with this config.
+    """
+    dist = PartialState(cpu=resolve_device(cfg) == "cpu")
     run_dir = run_dir_for(out, cfg)
     state = check_run_dir(run_dir, cfg, force)
+    dist.wait_for_everyone()  # every rank has read the folder's state before rank 0 writes to it
     if state == "done":
+        return dist, run_dir, None
+    with dist.main_process_first():
+        res = resolve(cfg, testbed_dir)
+    if dist.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
+    dist.wait_for_everyone()
+    return dist, run_dir, res
+
+
+def _run_point(cfg: T2IConfig, out: Path, testbed_dir: str | None, force: bool) -> dict:
+    # Under accelerate/torchrun/Slurm every rank calls this: all ranks train, rank 0 alone evaluates.
+    t0 = time.perf_counter()
+    dist, run_dir, res = start_run(cfg, out, testbed_dir, force)
+    if res is None:
         print(f"{run_dir}: finished earlier with the same config; reusing its metrics.json")
         return json.loads((run_dir / "metrics.json").read_text())
-    t0 = time.perf_counter()
-    res = resolve(cfg, testbed_dir)
     prep_s = time.perf_counter() - t0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
 
     t1 = time.perf_counter()
     ckpt = train(cfg, run_dir, res.data, res.vae, res.text_encoder, res.text_encoder_model)
     train_s = time.perf_counter() - t1
+    if not dist.is_main_process:
+        return {"rank": dist.process_index, "steps": cfg.steps_for(res.data.dataset_size)}
     t2 = time.perf_counter()
     pipeline_dir = export_run_pipeline(cfg, run_dir, ckpt, res)
     metrics = evaluate_pipeline(cfg, run_dir, pipeline_dir, res)
@@ -222,6 +244,7 @@ def _run_point(cfg: T2IConfig, out: Path, testbed_dir: str | None, force: bool) 
         train_seconds=round(train_s, 1),
         eval_seconds=round(eval_s, 1),
         device=resolve_device(cfg),
+        world_size=dist.num_processes,
         torch_threads=torch.get_num_threads(),
     )
     if res.uses_testbed:

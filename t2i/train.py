@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from tqdm import tqdm
 from caption_mixing.atomic import atomic_write_text
 from caption_mixing.mixing import MixStats, Mixture, unit_hash
 from caption_mixing.pipeline import SharedEpoch, make_loader
+from caption_mixing.shards import expand_shards
 from clip_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from clip_train.distributed import DistEnv, sum_counters
 from t2i.components import TextEncoder, load_text_encoder, load_vae
 from t2i.config import T2IConfig
 from t2i.data import build_t2i_pipeline
@@ -95,6 +98,33 @@ class EMA:
     def copy_to(self, model: torch.nn.Module) -> torch.nn.Module:
         model.load_state_dict(self.shadow)
         return model
+
+
+def micro_batches_per_epoch(cfg: T2IConfig, data: DataSpec, world: int) -> int | None:
+    """Micro-batches every rank takes per epoch when several processes train; None for one process
+    (natural epochs: one pass over the shards).
+
+    DDP needs the same number of steps on every rank, so with ``world`` > 1 the epoch length comes
+    from the dataset size (as open_clip's ``train_num_samples``) and every rank and worker needs a shard.
+    """
+    if world == 1:
+        return None
+    n = cfg.dataset_size or data.dataset_size
+    if not n:
+        raise ValueError(
+            f"dataset_size is not set and the size of {data.shards} is unknown; with {world} processes every "
+            "rank needs the same steps per epoch: pass --set dataset_size=N"
+        )
+    if n < cfg.batch_size:
+        raise ValueError(f"dataset_size={n} is less than one global batch (batch_size={cfg.batch_size})")
+    readers = world * max(1, cfg.workers)
+    n_shards = len(expand_shards(data.shards, check_exists=False))
+    if n_shards < readers:
+        raise ValueError(
+            f"{n_shards} shards cannot feed {world} processes x {max(1, cfg.workers)} workers: "
+            "lower --set workers, or split the data into more shards"
+        )
+    return n // cfg.batch_size * cfg.grad_accum
 
 
 def warmup_constant(step: int, warmup: int) -> float:
@@ -196,6 +226,7 @@ def _train(
             f"batch_size={cfg.batch_size} is not divisible by {world} processes x grad_accum={cfg.grad_accum}"
         )
     steps = cfg.steps_for(data.dataset_size)
+    micro_per_epoch = micro_batches_per_epoch(cfg, data, world)
     torch.manual_seed(cfg.seed)
 
     vae = load_vae(vae_path, device)
@@ -205,7 +236,7 @@ def _train(
         model.enable_gradient_checkpointing()
     ema = EMA(model, cfg.ema_decay)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
     )
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, cfg.warmup_steps))
     noise_sched = train_scheduler(cfg)
@@ -221,12 +252,14 @@ def _train(
         optimizer.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_scheduler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        stats.used.update(state["mixing"]["used"])
-        stats.fallbacks.update(state["mixing"]["fallbacks"])
-        truncated, data_errors = state["truncated_prompts"], dict(state["data_errors"])
-        print(f"resuming from {resume} at step {step}")
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # the saved counts are totals over ranks; rank 0 carries them on
+            stats.used.update(state["mixing"]["used"])
+            stats.fallbacks.update(state["mixing"]["fallbacks"])
+            truncated, data_errors = state["truncated_prompts"], dict(state["data_errors"])
+            print(f"resuming from {resume} at step {step}")
             drop_log_after(run_dir / "train_log.jsonl", step)
+    if micro_per_epoch is not None and batch_in_epoch >= micro_per_epoch:
+        epoch, batch_in_epoch = epoch + 1, 0
     model, optimizer = accelerator.prepare(model, optimizer)
 
     shared_epoch = SharedEpoch(epoch)
@@ -242,9 +275,30 @@ def _train(
         shuffle_buffer=cfg.shuffle_buffer,
         sidecar_dir=data.sidecar_dir,
     )
+    if micro_per_epoch is not None:  # each worker repeats its shards if it must, so no rank runs short
+        pipeline = pipeline.with_epoch(nbatches=math.ceil(micro_per_epoch / max(1, cfg.workers)))
     loader = make_loader(pipeline, cfg.workers)
 
-    def state_dict() -> dict:
+    env = DistEnv(accelerator.process_index, world, accelerator.local_process_index, device)
+
+    def counts() -> dict:
+        """Mixing, truncation and data-error counts summed over ranks (a collective: every rank calls it)."""
+        flat = {f"used/{k}": v for k, v in stats.used.items()}
+        flat.update({f"fallbacks/{k}": v for k, v in stats.fallbacks.items()})
+        flat.update({f"data_errors/{k}": v for k, v in data_errors.items()})
+        flat["truncated_prompts"] = truncated + text.truncated
+        total = sum_counters(env, flat)
+        out: dict = {"mixing": {"used": {}, "fallbacks": {}}, "data_errors": {}}
+        for k, v in total.items():
+            group, _, name = k.partition("/")
+            if group in ("used", "fallbacks"):
+                out["mixing"][group][name] = v
+            elif group == "data_errors":
+                out["data_errors"][name] = v
+        out["truncated_prompts"] = total["truncated_prompts"]
+        return out
+
+    def state_dict(totals: dict) -> dict:
         return {
             "name": run_dir.name,
             "epoch": epoch,
@@ -254,9 +308,8 @@ def _train(
             "ema": ema.shadow,
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_sched.state_dict(),
-            "mixing": {"used": dict(stats.used), "fallbacks": dict(stats.fallbacks)},
-            "truncated_prompts": truncated + text.truncated,
-            "data_errors": data_errors,
+            **totals,
+            "world_size": world,
             "config": cfg.to_dict(),
         }
 
@@ -276,11 +329,15 @@ def _train(
         shared_epoch.set(epoch)
         got_batch = False
         for i, batch in enumerate(loader):
+            if micro_per_epoch is not None and i >= micro_per_epoch:
+                break
             if i < batch_in_epoch:  # fast-forward to the saved data position after a resume
                 continue
             got_batch = True
-            # Noise, timesteps and latent samples depend on (seed, step, micro-batch, rank): a resume repeats them.
-            gen = torch.Generator(device).manual_seed(hash((cfg.seed, step, micro, accelerator.process_index)) % 2**63)
+            # Noise, timesteps and latent samples depend on (seed, step, global micro-batch index): a resume
+            # repeats them, and N ranks draw what one process accumulating N micro-batches would.
+            micro_index = micro * world + accelerator.process_index
+            gen = torch.Generator(device).manual_seed(hash((cfg.seed, step, micro_index)) % 2**63)
             with accelerator.autocast():  # frozen VAE and text encoder in bf16 under bf16 training, as in diffusers
                 latents = encode_batch(batch, vae, cfg, data.latents, gen, device)
                 hidden, mask = text.encode(dropped_captions(batch, cfg, epoch), device)
@@ -342,8 +399,10 @@ def _train(
                     ips=f"{record['images_per_s']:.1f}",
                     p_real=f"{record['realized_p']:.3f}",
                 )
-            if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == steps):
-                last_ckpt = save_checkpoint(ckpt_dir, state_dict(), step, cfg.keep_last)
+            if step % cfg.checkpoint_every == 0 or step == steps:
+                totals = counts()
+                if accelerator.is_main_process:
+                    last_ckpt = save_checkpoint(ckpt_dir, state_dict(totals), step, cfg.keep_last)
             if step >= steps:
                 break
         if step < steps:
@@ -354,13 +413,16 @@ def _train(
     accelerator.wait_for_everyone()
     if log_file is not None:
         log_file.close()
-    mix = stats.as_dict()
-    print(
-        f"trained {step} steps; realized synthetic share {mix['realized_synthetic_ratio']:.4f} (p={cfg.p:g}), "
-        f"fallbacks to alt-text: {sum(mix['fallbacks'].values())}, truncated prompts: {truncated + text.truncated}"
-    )
-    if accelerator.is_main_process and (last_ckpt is None or not str(last_ckpt).endswith(f"step_{step:08d}.pt")):
-        last_ckpt = save_checkpoint(ckpt_dir, state_dict(), step, cfg.keep_last)
+    totals = counts()
+    mix = MixStats(Counter(totals["mixing"]["used"]), Counter(totals["mixing"]["fallbacks"])).as_dict()
+    if accelerator.is_main_process:
+        print(
+            f"trained {step} steps; realized synthetic share {mix['realized_synthetic_ratio']:.4f} (p={cfg.p:g}), "
+            f"fallbacks to alt-text: {sum(mix['fallbacks'].values())}, "
+            f"truncated prompts: {totals['truncated_prompts']}"
+        )
+        if last_ckpt is None or not str(last_ckpt).endswith(f"step_{step:08d}.pt"):
+            last_ckpt = save_checkpoint(ckpt_dir, state_dict(totals), step, cfg.keep_last)
     return last_ckpt
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from t2i.config import load_config
 from t2i.data import build_t2i_pipeline
 from t2i.train import dropped_captions
 from tests.conftest import make_shards
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = {
     "resolution": 16,
@@ -140,6 +145,64 @@ def test_run_point_trains_exports_samples_scores_and_resumes(world: dict, tmp_pa
     shutil.rmtree(broken / "vae")
     with pytest.raises(PipelineError, match="component 'vae' is missing"):
         check_pipeline_folder(broken)
+
+
+def test_two_processes_train_like_one_process_accumulating_two_micro_batches(world: dict, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m t2i run`` (accelerate DDP, gloo, 2 ranks x 4) == 1 process x
+    2 micro-batches of 4.
+
+    Shards of 4 without shuffling give both layouts the same micro-batches; noise and timesteps
+    follow the global micro-batch index; eps=1e-3 keeps float noise in near-zero gradients from
+    flipping Adam's first ~sign(g) step. Rank 0 alone evaluates and writes metrics.json.
+    """
+    from clip_train.checkpoint import load_checkpoint
+    from t2i.experiment import run_dir_for, run_point
+
+    pattern, _ = make_shards(tmp_path / "shards", n_shards=4, per_shard=4)
+    common = {**world["overrides"], "train_shards": pattern, "dataset_size": 16, "max_steps": 2}
+    common.update(checkpoint_every=2, shuffle_buffer=0, p=0.5, lr=1e-3, eps=1e-3, eval_prompts=2, grid_prompts=1)
+    one = load_config("embedded", {**common, "grad_accum": 2})
+    single = run_point(one, tmp_path / "one")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "t2i", "run", "--out", str(tmp_path / "two")]
+    cmd += [arg for k, v in common.items() for arg in ("--set", f"{k}={v}")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_two = run_dir_for(tmp_path / "two", load_config("embedded", common))
+    ddp = json.loads((run_two / "metrics.json").read_text())
+
+    assert (single["world_size"], ddp["world_size"], single["steps"], ddp["steps"]) == (1, 2, 2, 2)
+    assert sum(ddp["mixing"]["used"].values()) == 16  # both ranks' samples are counted, each once
+    assert ddp["mixing"] == single["mixing"] and 0 < ddp["mixing"]["used"]["altogether"] < 16
+    assert set(ddp["clip_score"]) == {"original", "synthetic"}
+    a = load_checkpoint(run_dir_for(tmp_path / "one", one) / "checkpoints" / "step_00000002.pt")
+    b = load_checkpoint(run_two / "checkpoints" / "step_00000002.pt")
+    moved = 0
+    for name, wa in a["state_dict"].items():
+        wb = b["state_dict"][name]
+        assert torch.allclose(wa, wb, atol=1e-6, rtol=1e-4), (name, (wa - wb).abs().max().item())
+        assert torch.allclose(a["ema"][name], b["ema"][name], atol=1e-6, rtol=1e-4), name
+        # EMA at decay 0.9999 still sits at the initial weights: the difference is what 2 steps moved.
+        moved += int((wa - a["ema"][name]).abs().max() > 1e-4)
+    assert moved > len(a["state_dict"]) // 2  # the two steps did change most tensors (a wrong step is ~2e-3)
+
+
+def test_train_command_trains_and_exports_without_evaluating(
+    world: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from t2i.__main__ import main
+
+    argv = ["train", "--p", "0", "--out", str(tmp_path / "runs")]
+    argv += [arg for k, v in world["overrides"].items() for arg in ("--set", f"{k}={v}")]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run_dir = Path(printed["pipeline"]).parent
+    assert Path(printed["checkpoint"]).name == "step_00000003.pt"
+    assert (run_dir / "pipeline" / "model_index.json").is_file()
+    assert (run_dir / "provenance.json").is_file() and not (run_dir / "metrics.json").exists()
 
 
 def test_sample_command_writes_images(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

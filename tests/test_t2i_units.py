@@ -209,3 +209,18 @@ def test_embedded_components_are_built_once_into_place(tmp_path: Path, monkeypat
     assert [p.name for p in tmp_path.glob("*t2i-embedded-*")] == [first.root.name]  # no temp folder left
     other = emb.ensure_embedded_components(load_config("embedded", {"embedded_vae_steps": 10}), testbed)
     assert other.root != first.root and calls == ["clip", "vae", "clip", "vae"]
+
+
+def test_multi_process_epochs_need_a_known_size_and_a_shard_per_reader() -> None:
+    from t2i.train import DataSpec, micro_batches_per_epoch
+
+    cfg = load_config("embedded", {"batch_size": 8, "grad_accum": 2, "workers": 2})
+    shards = "/data/{00000..00007}.tar"  # 8 shards; existence is not checked here
+    assert micro_batches_per_epoch(cfg, DataSpec(shards, False, None, None), world=1) is None
+    assert micro_batches_per_epoch(cfg, DataSpec(shards, False, None, 100), world=2) == 100 // 8 * 2
+    with pytest.raises(ValueError, match="dataset_size is not set .* pass --set dataset_size=N"):
+        micro_batches_per_epoch(cfg, DataSpec(shards, False, None, None), world=2)
+    with pytest.raises(ValueError, match="dataset_size=4 is less than one global batch"):
+        micro_batches_per_epoch(cfg, DataSpec(shards, False, None, 4), world=2)
+    with pytest.raises(ValueError, match="8 shards cannot feed 8 processes x 2 workers"):
+        micro_batches_per_epoch(cfg, DataSpec(shards, False, None, 100), world=8)
