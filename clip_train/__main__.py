@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clip_train.distributed import cleanup
     from clip_train.experiment import run_point
-    from clip_train.train import Preempted
+    from clip_train.preemption import Preempted
 
     try:
         metrics = run_point(cfg, Path(args.out), testbed_dir=args.testbed_dir, force=args.force)

@@ -31,9 +31,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -51,60 +48,13 @@ from clip_train.checkpoint import latest_checkpoint, load_checkpoint, load_model
 from clip_train.config import ClipTrainConfig
 from clip_train.distributed import DistEnv, any_flag, barrier, init_distributed, sum_counters
 from clip_train.model import create_model
+from clip_train.preemption import Preempted, PreemptionFlag
 
 log = logging.getLogger(__name__)
-
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-
-def preempt_signals() -> tuple[int, ...]:
-    """PREEMPT_SIGNALS plus submitit's pre-timeout signal when ``$SUBMITIT_PREEMPT_SIGNAL`` renames it."""
-    named = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
-    return tuple(dict.fromkeys([*PREEMPT_SIGNALS, *([named] if named else [])]))
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
-
-
-class Preempted(RuntimeError):
-    """A preemption signal arrived; a checkpoint was written and the run can be started again."""
-
-    def __init__(self, step: int, checkpoint: Path | None, signum: int) -> None:
-        self.step, self.checkpoint, self.signum = step, checkpoint, signum
-        name = signal.Signals(signum).name if signum else "signal"
-        super().__init__(f"{name} received: stopped at step {step}, checkpoint {checkpoint}")
-
-
-class PreemptionFlag:
-    """Turns preemption signals into a flag checked at step boundaries (a handler must not train or save).
-
-    While active it replaces other handlers of those signals, e.g. submitit's, which would requeue
-    at once and lose the steps since the last checkpoint; ``Preempted.signum`` lets the caller
-    hand the signal on once the checkpoint is written (experiments.launch.PointJob does).
-    """
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum != 0
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def __enter__(self) -> PreemptionFlag:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            for sig in preempt_signals():
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

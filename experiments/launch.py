@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 import submitit
 
 from caption_mixing.atomic import atomic_write_json
+from clip_train.preemption import Preempted
 from experiments.tasks import Task, get_task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,13 +209,11 @@ def sec_per_step_estimate(cfg: Any, run_dirs: list[Path], preset: str) -> tuple[
     return PRESET_SEC_PER_STEP.get(stem, DEFAULT_SEC_PER_STEP), f"the {stem!r} preset's estimate"
 
 
-def time_limit_warning(
-    cfg: Any, res: Resources, run_dirs: list[Path], preset: str, saves_at_signal: bool = False
-) -> str | None:
+def time_limit_warning(cfg: Any, res: Resources, run_dirs: list[Path], preset: str) -> str | None:
     """A warning when the job time limit cannot fit one checkpoint interval.
 
-    ``saves_at_signal``: the task's trainer writes a checkpoint when the signal arrives (clip), so
-    progress is kept as long as that save fits in the signal delay; otherwise each allocation is lost.
+    The trainers write a checkpoint when the signal arrives, so progress is kept as long as that
+    save fits in the signal delay; the warning says that every allocation then depends on it.
     """
     every = getattr(cfg, "checkpoint_every", None)
     if not every:
@@ -231,13 +230,9 @@ def time_limit_warning(
         f"warning: --time {res.time_min} min leaves {max(usable, 0):.0f} s before the checkpoint signal, "
         f"shorter than one checkpoint interval (checkpoint_every={every} steps x {sps:.3g} s/step from "
         f"{source} = {interval:.0f} s); "
-        + (
-            "every allocation then relies on the checkpoint written at the signal, and loses its steps "
-            f"if that save does not finish within --signal-delay-s {res.signal_delay_s}. "
-            if saves_at_signal
-            else "a requeued job would redo the same steps every time. "
-        )
-        + "Raise --time or lower --set checkpoint_every."
+        "every allocation then relies on the checkpoint written at the signal, and loses its steps "
+        f"if that save does not finish within --signal-delay-s {res.signal_delay_s}. "
+        "Raise --time or lower --set checkpoint_every."
     )
 
 
@@ -396,7 +391,7 @@ class PointJob(submitit.helpers.Checkpointable):
         try:
             metrics = task.run_point(cfg, Path(spec.out), testbed_dir=spec.testbed_dir, force=spec.force)
         except Exception as e:
-            if task.preempted is not None and isinstance(e, task.preempted):
+            if isinstance(e, Preempted):
                 self._preempted(e, rank)
             if rank == 0:
                 update_state(run_dir, state="failed", error=f"{type(e).__name__}: {e}", finished_at=now_iso())

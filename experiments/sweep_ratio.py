@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  p={spec.p:g}  {Path(spec.run_dir).name}: {verb} ({reason})")
     if launcher != "inprocess":
         run_dirs = [Path(s.run_dir) for s in specs]
-        warning = launch.time_limit_warning(configs[0], res, run_dirs, args.preset, task.preempted is not None)
+        warning = launch.time_limit_warning(configs[0], res, run_dirs, args.preset)
         if warning:
             print(warning, file=sys.stderr)
     if todo:

@@ -26,7 +26,6 @@ class Task:
     write_report: Callable[..., dict]
     run_dir_for: Callable[[Path, Any], Path]
     notice: str
-    preempted: type[BaseException] | None = None  # raised by the trainer after a preemption checkpoint
 
     def config_hash(self, cfg: Any) -> str:
         """The hash run folders record in config.json (the same one run_point writes)."""
@@ -46,7 +45,6 @@ class Task:
 def _clip() -> Task:
     from clip_train.config import load_config
     from clip_train.experiment import TESTBED_NOTICE, run_dir_for, run_point
-    from clip_train.train import Preempted
     from eval.report import format_table, write_sweep_report
 
     return Task(
@@ -57,7 +55,6 @@ def _clip() -> Task:
         write_report=write_sweep_report,
         run_dir_for=run_dir_for,
         notice=TESTBED_NOTICE,
-        preempted=Preempted,
     )
 
 

@@ -32,7 +32,8 @@ from caption_mixing.mixing import MixStats, Mixture, unit_hash
 from caption_mixing.pipeline import SharedEpoch, make_loader
 from caption_mixing.shards import expand_shards
 from clip_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from clip_train.distributed import DistEnv, sum_counters
+from clip_train.distributed import DistEnv, any_flag, sum_counters
+from clip_train.preemption import Preempted, PreemptionFlag
 from t2i.components import TextEncoder, load_text_encoder, load_vae
 from t2i.config import T2IConfig
 from t2i.data import build_t2i_pipeline
@@ -325,94 +326,105 @@ def _train(
     )
     model.train()
     t_last, n_last, micro = time.perf_counter(), 0, 0
-    while step < steps:
-        shared_epoch.set(epoch)
-        got_batch = False
-        for i, batch in enumerate(loader):
-            if micro_per_epoch is not None and i >= micro_per_epoch:
-                break
-            if i < batch_in_epoch:  # fast-forward to the saved data position after a resume
-                continue
-            got_batch = True
-            # Noise, timesteps and latent samples depend on (seed, step, global micro-batch index): a resume
-            # repeats them, and N ranks draw what one process accumulating N micro-batches would.
-            micro_index = micro * world + accelerator.process_index
-            gen = torch.Generator(device).manual_seed(hash((cfg.seed, step, micro_index)) % 2**63)
-            with accelerator.autocast():  # frozen VAE and text encoder in bf16 under bf16 training, as in diffusers
-                latents = encode_batch(batch, vae, cfg, data.latents, gen, device)
-                hidden, mask = text.encode(dropped_captions(batch, cfg, epoch), device)
-            noise = torch.randn(latents.shape, generator=gen, device=device)
-            t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen, device=device)
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    out = model(noisy, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask).sample
-                out = out.float()
-                eps = out[:, : cfg.latent_channels]
-                loss = F.mse_loss(eps, noise)
-                if cfg.learned_sigma:
-                    loss = loss + vlb_loss(noise_sched, latents, noisy, t, eps.detach(), out[:, cfg.latent_channels :])
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step}; last good checkpoint: {last_ckpt or 'none'}"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                lr_sched.step() if accelerator.sync_gradients else None
-                optimizer.zero_grad(set_to_none=True)
-            stats.update(batch["sources"], batch["wanted"])
-            for k, v in batch["data_errors"].items():
-                data_errors[k] = data_errors.get(k, 0) + v
-            batch_in_epoch = i + 1
-            n_last += latents.shape[0] * world
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            micro = 0
-            ema.update(accelerator.unwrap_model(model))
-            step += 1
-            bar.update(1)
+    bad_loss, stop = False, False
+    with PreemptionFlag() as preempt:
+        while step < steps:
+            shared_epoch.set(epoch)
+            got_batch = False
+            for i, batch in enumerate(loader):
+                if micro_per_epoch is not None and i >= micro_per_epoch:
+                    break
+                if i < batch_in_epoch:  # fast-forward to the saved data position after a resume
+                    continue
+                got_batch = True
+                # Noise, timesteps and latent samples depend on (seed, step, global micro-batch index): a resume
+                # repeats them, and N ranks draw what one process accumulating N micro-batches would.
+                micro_index = micro * world + accelerator.process_index
+                gen = torch.Generator(device).manual_seed(hash((cfg.seed, step, micro_index)) % 2**63)
+                with accelerator.autocast():  # frozen VAE and text encoder in bf16 under bf16 training, as in diffusers
+                    latents = encode_batch(batch, vae, cfg, data.latents, gen, device)
+                    hidden, mask = text.encode(dropped_captions(batch, cfg, epoch), device)
+                noise = torch.randn(latents.shape, generator=gen, device=device)
+                t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen, device=device)
+                a = alphas_cumprod[t].view(-1, 1, 1, 1)
+                noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        out = model(noisy, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask).sample
+                    out = out.float()
+                    eps = out[:, : cfg.latent_channels]
+                    loss = F.mse_loss(eps, noise)
+                    if cfg.learned_sigma:
+                        loss = loss + vlb_loss(
+                            noise_sched, latents, noisy, t, eps.detach(), out[:, cfg.latent_channels :]
+                        )
+                    bad_loss = bad_loss or not torch.isfinite(loss).item()
+                    if accelerator.sync_gradients:  # one collective per step: every rank takes the same branch
+                        stop, bad_loss = any_flag(env, preempt.requested, bad_loss)
+                        if bad_loss:
+                            raise NonFiniteLossError(
+                                f"non-finite loss at step {step} (this rank's loss: {loss.item()}); "
+                                f"last good checkpoint: {last_ckpt or 'none'}"
+                            )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.grad_clip > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    lr_sched.step() if accelerator.sync_gradients else None
+                    optimizer.zero_grad(set_to_none=True)
+                stats.update(batch["sources"], batch["wanted"])
+                for k, v in batch["data_errors"].items():
+                    data_errors[k] = data_errors.get(k, 0) + v
+                batch_in_epoch = i + 1
+                n_last += latents.shape[0] * world
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                micro = 0
+                ema.update(accelerator.unwrap_model(model))
+                step += 1
+                bar.update(1)
 
-            if accelerator.is_main_process and (step % cfg.log_every == 0 or step == steps):
-                now = time.perf_counter()
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss.item(),
-                    "lr": lr_sched.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if cfg.grad_clip > 0 else None,
-                    "images_per_s": n_last / (now - t_last),
-                    "realized_p": stats.realized_synthetic_ratio(),
-                    "fallbacks": dict(stats.fallbacks),
-                    "truncated_prompts": truncated + text.truncated,
-                    "data_errors": data_errors,
-                }
-                t_last, n_last = now, 0
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}",
-                    lr=f"{record['lr']:.2e}",
-                    ips=f"{record['images_per_s']:.1f}",
-                    p_real=f"{record['realized_p']:.3f}",
-                )
-            if step % cfg.checkpoint_every == 0 or step == steps:
-                totals = counts()
-                if accelerator.is_main_process:
-                    last_ckpt = save_checkpoint(ckpt_dir, state_dict(totals), step, cfg.keep_last)
-            if step >= steps:
-                break
-        if step < steps:
-            if not got_batch and batch_in_epoch == 0:
-                raise RuntimeError(f"the training data yielded no batch of {micro_batch} (shards: {data.shards})")
-            epoch, batch_in_epoch = epoch + 1, 0
+                if accelerator.is_main_process and (step % cfg.log_every == 0 or step == steps):
+                    now = time.perf_counter()
+                    record = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss.item(),
+                        "lr": lr_sched.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if cfg.grad_clip > 0 else None,
+                        "images_per_s": n_last / (now - t_last),
+                        "realized_p": stats.realized_synthetic_ratio(),
+                        "fallbacks": dict(stats.fallbacks),
+                        "truncated_prompts": truncated + text.truncated,
+                        "data_errors": data_errors,
+                    }
+                    t_last, n_last = now, 0
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}",
+                        lr=f"{record['lr']:.2e}",
+                        ips=f"{record['images_per_s']:.1f}",
+                        p_real=f"{record['realized_p']:.3f}",
+                    )
+                if step % cfg.checkpoint_every == 0 or step == steps or stop:
+                    totals = counts()
+                    if accelerator.is_main_process:
+                        last_ckpt = save_checkpoint(ckpt_dir, state_dict(totals), step, cfg.keep_last)
+                if stop:
+                    accelerator.wait_for_everyone()
+                    raise Preempted(step, last_ckpt, preempt.signum)
+                if step >= steps:
+                    break
+            if step < steps:
+                if not got_batch and batch_in_epoch == 0:
+                    raise RuntimeError(f"the training data yielded no batch of {micro_batch} (shards: {data.shards})")
+                epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
-    accelerator.wait_for_everyone()
     if log_file is not None:
         log_file.close()
+    accelerator.wait_for_everyone()
     totals = counts()
     mix = MixStats(Counter(totals["mixing"]["used"]), Counter(totals["mixing"]["fallbacks"])).as_dict()
     if accelerator.is_main_process:

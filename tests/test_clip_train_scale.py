@@ -21,9 +21,9 @@ from clip_train.checkpoint import list_checkpoints, load_checkpoint
 from clip_train.config import ClipTrainConfig, list_presets, load_config
 from clip_train.distributed import DistEnv, read_env
 from clip_train.model import create_model_meta
+from clip_train.preemption import Preempted
 from clip_train.train import (
     NonFiniteLossError,
-    Preempted,
     forward_backward,
     make_loss,
     make_optimizer,

@@ -190,7 +190,7 @@ def test_requeues_are_bounded_by_max_requeues(tmp_path: Path) -> None:
 def test_trainer_signals_include_submitits(monkeypatch) -> None:
     import signal
 
-    from clip_train.train import preempt_signals
+    from clip_train.preemption import preempt_signals
 
     assert {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2} <= set(preempt_signals())
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "HUP")
@@ -200,7 +200,7 @@ def test_trainer_signals_include_submitits(monkeypatch) -> None:
 def test_preempted_point_hands_submitits_signal_back_after_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
     import signal
 
-    from clip_train.train import Preempted
+    from clip_train.preemption import Preempted
 
     job = launch.PointJob(_spec(tmp_path))
     run = Path(job.spec.run_dir)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -203,6 +207,40 @@ def test_train_command_trains_and_exports_without_evaluating(
     assert Path(printed["checkpoint"]).name == "step_00000003.pt"
     assert (run_dir / "pipeline" / "model_index.json").is_file()
     assert (run_dir / "provenance.json").is_file() and not (run_dir / "metrics.json").exists()
+
+
+def test_signal_saves_at_that_step_and_resume_finishes_and_nan_names_the_last_checkpoint(
+    world: dict, tmp_path: Path
+) -> None:
+    from clip_train.checkpoint import list_checkpoints, load_checkpoint
+    from clip_train.preemption import Preempted
+    from t2i.experiment import resolve
+    from t2i.train import NonFiniteLossError, train
+
+    cfg = load_config("embedded", {**world["overrides"], "max_steps": 40, "checkpoint_every": 2, "keep_last": 50})
+    res = resolve(cfg)
+    run = tmp_path / "run"
+
+    def signal_after_first_checkpoint() -> None:
+        while not list_checkpoints(run / "checkpoints"):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=signal_after_first_checkpoint, daemon=True).start()
+    with pytest.raises(Preempted) as info:
+        train(cfg, run, res.data, res.vae, res.text_encoder)
+    assert 2 <= info.value.step < 40 and info.value.signum == signal.SIGUSR1
+    assert info.value.checkpoint == run / "checkpoints" / f"step_{info.value.step:08d}.pt"
+    assert load_checkpoint(info.value.checkpoint)["step"] == info.value.step
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+    assert load_checkpoint(train(cfg, run, res.data, res.vae, res.text_encoder))["step"] == 40
+
+    bad = load_config("embedded", {**world["overrides"], "lr": 1e30, "warmup_steps": 0, "checkpoint_every": 1})
+    pattern = r"non-finite loss at step (\d+) .*last good checkpoint: .*step_\d{8}\.pt"
+    with pytest.raises(NonFiniteLossError, match=pattern) as nan:
+        train(bad, tmp_path / "nan", res.data, res.vae, res.text_encoder)
+    steps = [s for s, _ in list_checkpoints(tmp_path / "nan" / "checkpoints")]
+    assert steps and f"at step {steps[-1]} " in str(nan.value) and f"step_{steps[-1]:08d}.pt" in str(nan.value)
 
 
 def test_sample_command_writes_images(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
