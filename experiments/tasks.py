@@ -1,7 +1,6 @@
 """What a sweep can run: one small registry entry per task (config loader, run_point, report writer).
 
-Tasks are resolved lazily, so ``--task clip`` never imports the diffusers stack and ``--task t2i``
-never imports clip_train.
+Tasks are resolved lazily, so ``--task clip`` never imports the diffusers stack.
 """
 
 from __future__ import annotations
