@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from caption_mixing.sidecar import sidecar_path, write_sidecar
+
+
+def signal_self_after_first_checkpoint(ckpt_dir: Path, sig: int = signal.SIGUSR1) -> None:
+    """Send ``sig`` to this process (a trainer on its main thread) once ``ckpt_dir`` holds a checkpoint."""
+    from clip_train.checkpoint import list_checkpoints
+
+    def wait_then_signal() -> None:
+        while not list_checkpoints(ckpt_dir):
+            time.sleep(0.01)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=wait_then_signal, daemon=True).start()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

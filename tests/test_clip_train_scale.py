@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from clip_train.train import (
     plan_epoch,
     train,
 )
+from tests.conftest import signal_self_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = TestbedConfig(num_train=192, shard_size=48, eval_per_class=2, eval_per_class_small=4, num_retrieval=16, seed=5)
@@ -236,12 +236,7 @@ def test_sigusr1_checkpoints_and_raises_preempted_then_resume_completes(testbed:
     cfg = _cfg(samples_seen=16 * 10, checkpoint_every=3, keep_last=10, logger="tensorboard")
     run = tmp_path / "run"
 
-    def signal_after_first_checkpoint() -> None:
-        while not list_checkpoints(run / "checkpoints"):
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    threading.Thread(target=signal_after_first_checkpoint, daemon=True).start()
+    signal_self_after_first_checkpoint(run / "checkpoints")
     with pytest.raises(Preempted) as info:
         train(cfg, run, testbed.train_shards, num_samples=testbed.num_train)
     assert 3 <= info.value.step < 10 and info.value.signum == signal.SIGUSR1

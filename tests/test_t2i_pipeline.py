@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from caption_mixing.pipeline import SharedEpoch
 from t2i.config import load_config
 from t2i.data import build_t2i_pipeline
 from t2i.train import dropped_captions
-from tests.conftest import make_shards
+from tests.conftest import make_shards, signal_self_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -221,12 +218,7 @@ def test_signal_saves_at_that_step_and_resume_finishes_and_nan_names_the_last_ch
     res = resolve(cfg)
     run = tmp_path / "run"
 
-    def signal_after_first_checkpoint() -> None:
-        while not list_checkpoints(run / "checkpoints"):
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    threading.Thread(target=signal_after_first_checkpoint, daemon=True).start()
+    signal_self_after_first_checkpoint(run / "checkpoints")
     with pytest.raises(Preempted) as info:
         train(cfg, run, res.data, res.vae, res.text_encoder)
     assert 2 <= info.value.step < 40 and info.value.signum == signal.SIGUSR1
