@@ -22,6 +22,7 @@ import torch
 from caption_mixing.testbed import TestbedConfig, build_testbed
 from experiments import launch
 from experiments.sweep_ratio import main as sweep_main
+from tests.conftest import assert_same_t2i_training, t2i_equivalence_overrides, tiny_t2i_world
 
 REPO = Path(__file__).resolve().parent.parent
 # Shards of 8 samples: with shuffle_buffer=0, a 2-rank job's per-rank batches of 8 are whole shards,
@@ -259,6 +260,26 @@ def test_two_task_sweep_point_trains_with_ddp_like_one_process(
     diff = sum(((a[k] - b[k]).double() ** 2).sum() for k in init) ** 0.5
     moved = sum(((a[k] - init[k]).double() ** 2).sum() for k in init) ** 0.5
     assert diff < 1e-3 * moved, (diff.item(), moved.item())  # ~2e-5 measured; random crops alone give ~0.6
+
+
+def test_two_task_t2i_point_trains_through_accelerate_like_one_process(slurm, tmp_path: Path, capsys):
+    """The t2i task in a 2-task job: accelerate joins the gloo group submitit's variables describe,
+    and the run equals one process accumulating 2 micro-batches (see assert_same_t2i_training)."""
+    common = t2i_equivalence_overrides(tiny_t2i_world(_mkdir(tmp_path / "world")), tmp_path / "shards")
+    argv = ["--task", "t2i", "--p", str(common.pop("p"))]
+    argv += [arg for k, v in common.items() for arg in ("--set", f"{k}={v}")]
+    assert sweep_main([*argv, "--out", str(tmp_path / "one"), "--set", "grad_accum=2"]) == 0  # in-process
+    capsys.readouterr()
+    slurm_args = ["--launcher", "slurm", "--tasks-per-node", "2", *JOB]
+    assert sweep_main([*argv, "--out", str(tmp_path / "ddp"), *slurm_args]) == 0
+    one, ddp = tmp_path / "one" / "t2i-embedded-p0.5", tmp_path / "ddp" / "t2i-embedded-p0.5"
+    assert _state(ddp)["state"] == "finished" and _state(ddp)["launcher"] == "slurm"
+    assert_same_t2i_training(one, ddp)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def test_unknown_partition_fails_before_any_work(slurm, tmp_path: Path, capsys):

@@ -18,56 +18,19 @@ from caption_mixing.pipeline import SharedEpoch
 from t2i.config import load_config
 from t2i.data import build_t2i_pipeline
 from t2i.train import dropped_captions
-from tests.conftest import make_shards, signal_self_after_first_checkpoint
+from tests.conftest import (
+    assert_same_t2i_training,
+    signal_self_after_first_checkpoint,
+    t2i_equivalence_overrides,
+    tiny_t2i_world,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-
-TINY = {
-    "resolution": 16,
-    "latent_size": 4,
-    "hidden_size": 32,
-    "num_heads": 2,
-    "num_layers": 1,
-    "batch_size": 8,
-    "max_steps": 3,
-    "warmup_steps": 1,
-    "checkpoint_every": 2,
-    "log_every": 1,
-    "workers": 0,
-    "shuffle_buffer": 10,
-    "eval_prompts": 3,
-    "sample_steps": 2,
-    "grid_prompts": 2,
-    "eval_clip_model": "EmbeddedCLIP-Tiny",
-}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    """Tiny shards with sidecars, a random CLIP (checkpoint + exported text tower) and a random tiny VAE."""
-    from clip_train.model import create_model
-    from t2i.components import export_open_clip_text
-    from t2i.embedded import tiny_vae
-
-    root = tmp_path_factory.mktemp("t2i")
-    pattern, keys = make_shards(root / "shards", n_shards=2, per_shard=20, missing=frozenset({"000000003"}))
-    holdout, _ = make_shards(root / "holdout", n_shards=1, per_shard=6)
-    torch.manual_seed(0)
-    clip, _, _, _ = create_model("EmbeddedCLIP-Tiny")
-    torch.save({"state_dict": clip.state_dict(), "model_name": "EmbeddedCLIP-Tiny"}, root / "clip.pt")
-    export_open_clip_text(root / "clip.pt", "EmbeddedCLIP-Tiny", root / "text")
-    vae = tiny_vae()
-    vae.register_to_config(scaling_factor=1.0)
-    vae.save_pretrained(root / "vae")
-    overrides = {
-        **TINY,
-        "train_shards": pattern,
-        "holdout_shards": holdout,
-        "vae": str(root / "vae"),
-        "text_encoder": str(root / "text"),
-        "eval_clip_checkpoint": str(root / "clip.pt"),
-    }
-    return {"root": root, "pattern": pattern, "keys": keys, "overrides": overrides}
+    return tiny_t2i_world(tmp_path_factory.mktemp("t2i"))
 
 
 def test_batches_use_the_clip_mixing_rule_and_dropout_is_deterministic(world: dict) -> None:
@@ -156,14 +119,11 @@ def test_two_processes_train_like_one_process_accumulating_two_micro_batches(wor
     follow the global micro-batch index; eps=1e-3 keeps float noise in near-zero gradients from
     flipping Adam's first ~sign(g) step. Rank 0 alone evaluates and writes metrics.json.
     """
-    from clip_train.checkpoint import load_checkpoint
     from t2i.experiment import run_dir_for, run_point
 
-    pattern, _ = make_shards(tmp_path / "shards", n_shards=4, per_shard=4)
-    common = {**world["overrides"], "train_shards": pattern, "dataset_size": 16, "max_steps": 2}
-    common.update(checkpoint_every=2, shuffle_buffer=0, p=0.5, lr=1e-3, eps=1e-3, eval_prompts=2, grid_prompts=1)
+    common = t2i_equivalence_overrides(world, tmp_path / "shards")
     one = load_config("embedded", {**common, "grad_accum": 2})
-    single = run_point(one, tmp_path / "one")
+    run_point(one, tmp_path / "one")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -172,23 +132,7 @@ def test_two_processes_train_like_one_process_accumulating_two_micro_batches(wor
     cmd += [arg for k, v in common.items() for arg in ("--set", f"{k}={v}")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run_two = run_dir_for(tmp_path / "two", load_config("embedded", common))
-    ddp = json.loads((run_two / "metrics.json").read_text())
-
-    assert (single["world_size"], ddp["world_size"], single["steps"], ddp["steps"]) == (1, 2, 2, 2)
-    assert sum(ddp["mixing"]["used"].values()) == 16  # both ranks' samples are counted, each once
-    assert ddp["mixing"] == single["mixing"] and 0 < ddp["mixing"]["used"]["altogether"] < 16
-    assert set(ddp["clip_score"]) == {"original", "synthetic"}
-    a = load_checkpoint(run_dir_for(tmp_path / "one", one) / "checkpoints" / "step_00000002.pt")
-    b = load_checkpoint(run_two / "checkpoints" / "step_00000002.pt")
-    moved = 0
-    for name, wa in a["state_dict"].items():
-        wb = b["state_dict"][name]
-        assert torch.allclose(wa, wb, atol=1e-6, rtol=1e-4), (name, (wa - wb).abs().max().item())
-        assert torch.allclose(a["ema"][name], b["ema"][name], atol=1e-6, rtol=1e-4), name
-        # EMA at decay 0.9999 still sits at the initial weights: the difference is what 2 steps moved.
-        moved += int((wa - a["ema"][name]).abs().max() > 1e-4)
-    assert moved > len(a["state_dict"]) // 2  # the two steps did change most tensors (a wrong step is ~2e-3)
+    assert_same_t2i_training(run_dir_for(tmp_path / "one", one), run_dir_for(tmp_path / "two", one))
 
 
 def test_train_command_trains_and_exports_without_evaluating(
