@@ -573,6 +573,21 @@ def slurm_executor(folder: Path, res: Resources, max_requeues: int, name: str) -
     return ex
 
 
+def mark_submitted(spec: PointSpec, launcher: str, job_id: str) -> None:
+    """Record in the point's state.json that it was handed to a launcher, under which job id."""
+    update_state(
+        Path(spec.run_dir),
+        state="submitted",
+        launcher=launcher,
+        job_id=job_id,
+        submitted_at=now_iso(),
+        config_hash=spec.config_hash,
+        p=spec.p,
+        task=spec.task,
+        error=None,
+    )
+
+
 def submit_slurm(specs: list[PointSpec], res: Resources, folder: Path, max_requeues: int) -> list[str]:
     """Submit the points as one job array; record 'submitted' + job id in each state.json."""
     _job_env_path()
@@ -580,17 +595,7 @@ def submit_slurm(specs: list[PointSpec], res: Resources, folder: Path, max_reque
     with ex.batch():
         jobs = [ex.submit(PointJob(spec)) for spec in specs]
     for spec, job in zip(specs, jobs, strict=True):
-        update_state(
-            Path(spec.run_dir),
-            state="submitted",
-            launcher="slurm",
-            job_id=job.job_id,
-            submitted_at=now_iso(),
-            config_hash=spec.config_hash,
-            p=spec.p,
-            task=spec.task,
-            error=None,
-        )
+        mark_submitted(spec, "slurm", job.job_id)
     return [job.job_id for job in jobs]
 
 
@@ -654,17 +659,7 @@ def run_local(specs: list[PointSpec], res: Resources, folder: Path, max_requeues
                 signal_delay_s=min(res.signal_delay_s, max(1, res.time_min * 60 // 4)),
             )
             job = ex.submit(PointJob(spec))
-            update_state(
-                Path(spec.run_dir),
-                state="submitted",
-                launcher="local",
-                job_id=job.job_id,
-                submitted_at=now_iso(),
-                config_hash=spec.config_hash,
-                p=spec.p,
-                task=spec.task,
-                error=None,
-            )
+            mark_submitted(spec, "local", job.job_id)
             print(f"  local job {job.job_id}: p={spec.p:g} gpus={list(slots[slot]) or 'none'}", flush=True)
             running.append((job, slot))
         time.sleep(poll_s)
