@@ -5,7 +5,8 @@ accelerate handles devices, bf16 autocast, gradient accumulation and multi-GPU/m
 webdataset's split_by_node, and the caption of a sample depends on (seed, epoch, key) only.
 A run folder holds ``checkpoints/``, ``train_log.jsonl`` and, at the end, ``pipeline/`` (a diffusers
 PixArtAlphaPipeline folder with the EMA weights). Started again on the same folder, training
-resumes from the last checkpoint at the same data position and ends at the same step count.
+resumes from the last checkpoint at the same data position and ends at the same step count; a
+stop signal (Slurm's pre-timeout USR2, TERM) writes a checkpoint at that step and raises ``Preempted``.
 """
 
 from __future__ import annotations
