@@ -21,8 +21,14 @@ each trainer (the same number of runs each, alternated); the median of the adjac
 pairs' ratios and the samples per CPU-second are printed beside it as cross-checks. The last line
 is ``ratio_vs_open_clip=X`` (ours / open_clip in the primary rate; target X >= 1).
 
+MFU. The model's training FLOPs per image-text pair are counted with ``FlopCounterMode`` over one
+forward and backward on the meta device (``benchmarks/mfu.py``; model FLOPs, so gradient checkpointing's
+recomputation is not counted); MFU = samples/s x FLOPs per sample / peak, with the peak from
+``--peak-tflops`` or the GPU's name (H100 SXM/H200 989, A100 312 dense bf16 TFLOP/s). Without a peak
+(CPU, an unlisted GPU) MFU is printed as ``n/a``.
+
     python benchmarks/clip_train_throughput.py --repeats 3 --steps 40   # CPU, EmbeddedCLIP-Tiny, embedded testbed
-    python benchmarks/clip_train_throughput.py --model ViT-B-32-quickgelu --batch-size 256 \\
+    python benchmarks/clip_train_throughput.py --model ViT-B-32-quickgelu --batch-size 512 \\
         --precision amp_bf16 --device cuda --workers 8 --steps 200 --skip-steps 50 --threads 0
 
 open_clip_train 3.3.0 expects webdataset <= 0.2.86, whose tar expander yields no end-of-shard
@@ -45,7 +51,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_CONFIGS = REPO / "clip_train" / "model_configs"
+MODEL_CONFIGS = REPO / "testbed" / "model_configs"
 
 # Run first in both subprocesses: thread settings and the step timer (identical for both trainers).
 STEP_TIMER = """
@@ -230,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--torch-compile", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each trainer, in ABBA order")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak (dense) for MFU, e.g. 989")
     args = parser.parse_args(argv)
     if not 1 <= args.skip_steps <= args.steps - 3:
         parser.error("--skip-steps must be at least 1 and leave at least 3 measured steps")
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = args.shards
     if shards is None:
         sys.path.insert(0, str(REPO))
-        from caption_mixing.testbed import ensure_testbed
+        from testbed import ensure_testbed
 
         shards = ensure_testbed().train_shards
     on_cuda = args.device == "cuda" or (args.device is None and _cuda_available())
@@ -275,8 +282,25 @@ def main(argv: list[str] | None = None) -> int:
     best_a, best_b = max(a[primary] for a in ours), max(b[primary] for b in theirs)
     print(f"clip_train_samples_per_s={best_a:.1f}")
     print(f"open_clip_train_samples_per_s={best_b:.1f}")
+    print_mfu(args, on_cuda, {"clip_train": best_a, "open_clip_train": best_b})
     print(f"ratio_vs_open_clip={best_a / best_b:.3f}")
     return 0
+
+
+def print_mfu(args: argparse.Namespace, on_cuda: bool, rates: dict[str, float]) -> None:
+    """FLOPs per sample (counted), the peak used, and MFU per trainer (n/a without a peak)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.mfu import clip_flops_per_sample, gpu_name, mfu_pct, peak_tflops
+
+    flops = clip_flops_per_sample(args.model)
+    name = gpu_name() if on_cuda else None
+    peak = peak_tflops(name, args.peak_tflops) if (on_cuda or args.peak_tflops) else None
+    print(f"device_name={name or 'cpu'}")
+    print(f"train_gflops_per_sample={flops / 1e9:.2f}")
+    print(f"peak_tflops={peak if peak else 'n/a'}")
+    for trainer, rate in rates.items():
+        mfu = mfu_pct(rate, flops, peak)
+        print(f"{trainer}_mfu_pct={f'{mfu:.1f}' if mfu is not None else 'n/a'}")
 
 
 def _cuda_available() -> bool:

@@ -30,7 +30,7 @@ import open_clip
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "clip_train" / "model_configs"  # read as data; clip_train is not imported
+CONFIG_DIR = REPO / "testbed" / "model_configs"  # read as data, for the --model-config-dir of both CLIs
 MODEL = "EmbeddedCLIP-Tiny"
 
 
@@ -98,7 +98,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="alternate the two tools this many times; best kept")
     args = ap.parse_args()
 
-    from caption_mixing.testbed import ensure_testbed
+    from testbed import ensure_testbed
 
     tasks = dict(ensure_testbed().eval_tasks)
     sizes = {name: count_images(folder) for name, folder in tasks.items()}

@@ -87,7 +87,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     if args.shards is None:
-        from caption_mixing.testbed import ensure_testbed
+        from testbed import ensure_testbed
 
         urls = expand_shards(ensure_testbed(progress=False).train_shards)[:4]
     else:

@@ -9,9 +9,10 @@ examples/text_to_image/train_text_to_image.py: tokenize in the dataset, encode t
 Each runs in its own process, alternately, ``--repeats`` times; a run's rate is the median of its
 per-window images/s after ``--skip-steps``; the best run of each side is compared.
 
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one forward of the DiT (meta
-device, math attention); a training step is taken as 3x the forward. MFU = achieved / --peak-tflops
-(DiT FLOPs only; the frozen text encoder is not counted).
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one forward and one backward of
+the DiT (meta device, math attention; ``benchmarks/mfu.py``): model FLOPs, so gradient checkpointing's
+recomputation is not counted. MFU = achieved / peak, the peak from ``--peak-tflops`` or the GPU's name
+(H100 SXM/H200 989, A100 312 dense bf16 TFLOP/s); DiT FLOPs only, the frozen text encoder is not counted.
 
     python benchmarks/t2i_throughput.py                                  # CPU: DiT-S/2 at 256 px, batch 2
     python benchmarks/t2i_throughput.py --preset dit-xl-2 --batch-size 32 --precision bf16 --device cuda \\
@@ -272,12 +273,11 @@ def role_diffusers(args: argparse.Namespace, inputs: dict) -> list[float]:
     return windows_after(windows, args)
 
 
-def count_forward_flops(args: argparse.Namespace, text_width: int) -> float:
-    """FLOPs of one DiT forward per image (FlopCounterMode on the meta device, math attention)."""
+def count_flops(args: argparse.Namespace, text_width: int) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs of the DiT per image (FlopCounterMode, meta device, math attention)."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
+    from benchmarks.mfu import train_flops
     from t2i.config import load_config
     from t2i.model import build_transformer
 
@@ -288,9 +288,11 @@ def count_forward_flops(args: argparse.Namespace, text_width: int) -> float:
         hidden = torch.randn(1, args.max_sequence_length, text_width)
         mask = torch.ones(1, args.max_sequence_length)
         t = torch.zeros(1, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        model(x, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask)
-    return float(counter.get_total_flops())
+
+    def forward_loss() -> torch.Tensor:
+        return model(x, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask).sample.float().sum()
+
+    return train_flops(forward_loss, backward=False), train_flops(forward_loss)
 
 
 def run_role(role: str, args: argparse.Namespace, argv: list[str], inputs: dict, work: Path, rep: int) -> float:
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         inputs = make_inputs(args, work)
         width = json.loads((Path(inputs["text"]) / "text_encoder" / "config.json").read_text())["hidden_size"]
-        fwd = count_forward_flops(args, width)
+        fwd, step_flops = count_flops(args, width)
         print(
             f"preset={args.preset} ({cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.resolution} px, latents "
             f"{cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size}) batch={args.batch_size} "
@@ -366,24 +368,38 @@ def main(argv: list[str] | None = None) -> int:
             f"threads={args.threads or 'default'} steps={args.steps} (first {args.skip_steps} left out) "
             f"text encoder width {width}, {args.max_sequence_length} tokens"
         )
-        print(f"DiT forward: {fwd / 1e9:.2f} GFLOPs/image (FlopCounterMode); training step 3x = {3 * fwd / 1e9:.2f}")
+        print(
+            f"DiT forward: {fwd / 1e9:.2f} GFLOPs/image, forward + backward {step_flops / 1e9:.2f} "
+            f"({step_flops / fwd:.2f}x; FlopCounterMode)"
+        )
         rates: dict[str, list[float]] = {"ours": [], "diffusers": []}
         for rep in range(args.repeats):
             order = ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours")
             for role in order:
                 rates[role].append(run_role(role, args, argv, inputs, work, rep))
                 print(f"run {rep}: {role} {rates[role][-1]:.3f} images/s", flush=True)
+    print_figures(args, device, step_flops, rates)
+    print(f"ratio_vs_diffusers_loop={max(rates['ours']) / max(rates['diffusers']):.3f}")
+    return 0
+
+
+def print_figures(args: argparse.Namespace, device: str, step_flops: float, rates: dict[str, list[float]]) -> None:
+    """One name=value line per figure: images/s, step time, achieved TFLOP/s and MFU per loop."""
+    from benchmarks.mfu import gpu_name, mfu_pct, peak_tflops
+
+    name = gpu_name() if device.startswith("cuda") else None
+    peak = peak_tflops(name, args.peak_tflops) if (name or args.peak_tflops) else None
+    print(f"device_name={name or device}")
+    print(f"train_gflops_per_image={step_flops / 1e9:.2f}")
+    print(f"peak_tflops={peak if peak else 'n/a'}")
     names = {"ours": "t2i_train", "diffusers": "diffusers_loop"}
     for role in ("ours", "diffusers"):
         ips = max(rates[role])
-        tflops = ips * 3 * fwd / 1e12
-        mfu = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a (pass --peak-tflops)"
-        print(
-            f"{names[role]}_images_per_s={ips:.3f} step_ms={1000 * args.batch_size / ips:.0f} "
-            f"achieved_tflops={tflops:.4f} mfu={mfu}"
-        )
-    print(f"ratio_vs_diffusers_loop={max(rates['ours']) / max(rates['diffusers']):.3f}")
-    return 0
+        mfu = mfu_pct(ips, step_flops, peak)
+        print(f"{names[role]}_images_per_s={ips:.3f}")
+        print(f"{names[role]}_step_ms={1000 * args.batch_size / ips:.0f}")
+        print(f"{names[role]}_achieved_tflops={ips * step_flops / 1e12:.4f}")
+        print(f"{names[role]}_mfu_pct={f'{mfu:.1f}' if mfu is not None else 'n/a'}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """caption_mixing: choose between alt-text and synthetic captions at ratio p, deterministically.
 
 A small library with no training code: caption sources and sidecars, the mixing rule, the
-WebDataset pipeline builder that training applications compose, and the embedded testbed.
-The pipeline names are imported lazily so data tools (testbed, sidecars) do not pull in torch.
+WebDataset pipeline builder that training applications compose. The synthetic testbed lives in
+its own package, :mod:`testbed`. The pipeline names are imported lazily so data tools (sidecars,
+attach, stats) do not pull in torch.
 """
 
 from caption_mixing.mixing import ALT, Choice, MixStats, Mixture, choose_caption, parse_p, parse_p_list, unit_hash

@@ -1,4 +1,4 @@
-"""``python -m caption_mixing {testbed,attach,stats}``: the library's command line."""
+"""``python -m caption_mixing {testbed,attach,stats}``: the library's command line (``testbed``: :mod:`testbed.cli`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from caption_mixing import attach, stats, testbed
+    from caption_mixing import attach, stats
+    from testbed import cli as testbed  # the synthetic testbed is its own package; its CLI is offered here too
 
     parser = argparse.ArgumentParser(prog="python -m caption_mixing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

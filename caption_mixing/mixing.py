@@ -51,6 +51,14 @@ def parse_p_list(text: str, flag: str = "--p") -> list[float]:
 
 PER_VISIT = "per_visit"  # the paper's rule: a new draw every time a sample is seen
 PER_SAMPLE = "per_sample"  # one draw per sample for the whole run (epoch ignored)
+BLANK_ALT_POLICIES = ("fallback", "skip")  # what a sample with blank alt-text does (see caption_mixing.pipeline)
+
+
+def check_blank_alt(policy: str) -> str:
+    """The policy if it is one of ``BLANK_ALT_POLICIES``; else an error naming ``blank_alt``."""
+    if policy not in BLANK_ALT_POLICIES:
+        raise ValueError(f"blank_alt: {policy!r} is not one of {', '.join(BLANK_ALT_POLICIES)}")
+    return policy
 
 
 @dataclass(frozen=True)

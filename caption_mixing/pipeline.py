@@ -2,16 +2,47 @@
 
 Stages: shard list (brace expansion) -> per-epoch deterministic shard shuffle -> split by node
 -> split by worker -> tar samples -> attach synthetic captions from the shard's sidecars ->
-choose the caption (``mixing.choose_caption``) -> sample shuffle buffer -> decode image ->
-transform + tokenize -> batch.
+choose the caption (``mixing.choose_caption``, then the blank alt-text rule) -> sample shuffle
+buffer -> decode image -> transform + tokenize -> batch.
 
 Captions are chosen before the shuffle buffer, while samples still arrive shard by shard, so
 only the current shard's sidecars are in memory. The choice depends on (seed, epoch, key)
 only, so it does not change with the number of ranks or workers.
 
-Bad data never stops training: a corrupt image, an unreadable or truncated tar, undecodable
-caption bytes are logged with shard and key, counted per worker process, and the counts ride
-along with the next batch as ``batch["data_errors"]`` so the trainer can total them.
+Blank alt-text (``blank_alt``): a sample whose ``.txt`` is missing, empty or whitespace never
+trains on that blank text.
+
+- ``"fallback"`` (default): when the mixing rule would use the alt-text (drawn, or reached by
+  fallback), the sample uses a synthetic caption instead, trying the mixture's synthetic sources
+  in fallback order (those named in ``Mixture.fallback`` first, then the others as declared);
+  counted as ``blank_alt/fallback/<source>``. A sample with no usable synthetic caption either is
+  skipped (``blank_alt/skipped``). Samples whose draw picks a usable synthetic caption are not
+  affected, so the set of samples trained on does not depend on p.
+- ``"skip"``: every sample with blank alt-text is skipped (``blank_alt/skipped``).
+
+Bad data never stops training, and every case is counted exactly once (``data_errors``):
+
+============================  ==============================================  =======================
+kind                          what happens                                    logged
+============================  ==============================================  =======================
+``corrupt_image``             image bytes PIL cannot decode: sample skipped   warning: shard, key
+``no_image``                  sample without an image member: skipped         warning: shard, key
+``truncated_tar``             shard ends early: its complete samples train,   warning: shard, byte
+                              the sample being read is dropped                offset, the key cut
+``unreadable_tar``            shard not a tar (or garbage inside): the        warning: shard, byte
+                              samples before the damage train                 offset
+``bad_bytes``                 ``.txt`` not UTF-8: bytes replaced by U+FFFD,   warning: shard, key
+                              the sample trains
+``blank_alt/skipped``         see above                                       not logged (counted)
+``blank_alt/fallback/<src>``  see above                                       not logged (counted)
+============================  ==============================================  =======================
+
+Contract for trainers: every item of the pipeline is a dict with ``data_errors`` (kind -> count
+in that worker since its previous item). Counts that arise after a worker's last batch (samples
+dropped with the last partial batch, a shard damaged at the end) come in one extra *errors-only*
+item at the end of the worker's pass (``is_errors_only(item)``: no samples, do not train on
+it). ``iter_batches`` hides those items, adds every count to a Counter and skips batches when
+resuming, so the totals are exact across workers, epochs and resumes.
 """
 
 from __future__ import annotations
@@ -30,25 +61,69 @@ import webdataset as wds
 from PIL import Image
 
 from caption_mixing.long_captions import fit_caption, token_counter
-from caption_mixing.mixing import ALT, Mixture, choose_caption
+from caption_mixing.mixing import ALT, Choice, Mixture, check_blank_alt, choose_caption
+from caption_mixing.paths import validate_name
 from caption_mixing.schedules import PSchedule
-from caption_mixing.shards import expand_shards
+from caption_mixing.shards import ShardReadError, expand_shards, read_tar_samples
 from caption_mixing.sidecar import SidecarError, read_sidecar, sidecar_path
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SIDECAR_CHECK_SAMPLES = 32  # samples of a shard looked at before a sidecar that matches none of them is refused
+ERRORS_ONLY = "errors_only"
 
-# Per-process counts of skipped or repaired data since the last batch (each DataLoader worker has its own).
-DATA_ERRORS: Counter = Counter()
+
+class DataErrors(Counter):
+    """Counts of skipped or repaired data in one process since the last batch.
+
+    ``build_caption_pipeline`` makes one per pipeline (each DataLoader worker works on its own
+    copy); stages called without one share the process-wide ``DATA_ERRORS``.
+    """
+
+    def record(self, kind: str, message: str | None = None, *args: object) -> None:
+        """Count one case of ``kind`` and log ``message`` (if any) as a warning."""
+        if message is not None:
+            log.warning(message, *args)
+        self[kind] += 1
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last call, then reset."""
+        out = {k: v for k, v in self.items() if v}
+        self.clear()
+        return out
+
+
+DATA_ERRORS = DataErrors()
 
 
 def take_data_errors() -> dict[str, int]:
-    """Counts since the last call, then reset (called when a batch is collated, in the same process)."""
-    out = dict(DATA_ERRORS)
-    DATA_ERRORS.clear()
-    return out
+    """Counts of the process-wide ``DATA_ERRORS`` since the last call, then reset."""
+    return DATA_ERRORS.take()
+
+
+def is_errors_only(item: dict) -> bool:
+    """True for the item that carries a worker's last counts without samples (never train on it)."""
+    return bool(item.get(ERRORS_ONLY))
+
+
+def iter_batches(loader: Iterable[dict], skip: int = 0, errors: Counter | None = None) -> Iterator[tuple[int, dict]]:
+    """``(i, batch)`` with i = 1, 2, ... counting real batches only, after the first ``skip`` of them.
+
+    Every item's ``data_errors`` after that point (errors-only items included) is added to
+    ``errors``: on resume, the counts of the skipped batches are already in the checkpoint.
+    """
+    i = 0
+    for item in loader:
+        if is_errors_only(item):
+            if i >= skip and errors is not None:
+                errors.update(item["data_errors"])
+            continue
+        i += 1
+        if i > skip:
+            if errors is not None:
+                errors.update(item.get("data_errors", {}))
+            yield i, item
 
 
 class SharedEpoch:
@@ -80,30 +155,51 @@ def shuffle_shards(urls: list[str], seed: int, epoch: SharedEpoch) -> Callable[[
     return stage
 
 
+def read_shards(errors: DataErrors | None = None) -> Callable[[Iterable], Iterator]:
+    """Stage: ``{"url": shard}`` items -> samples. A damaged shard is logged (shard, byte offset,
+    the sample cut) and counted as ``truncated_tar`` or ``unreadable_tar``; the rest goes on."""
+    errs = DATA_ERRORS if errors is None else errors
+
+    def stage(src: Iterable[Any]) -> Iterator[dict]:
+        for item in src:
+            url = item["url"] if isinstance(item, dict) else str(item)
+            try:
+                yield from read_tar_samples(url)
+            except ShardReadError as e:
+                errs.record(e.kind, "%s", e)
+
+    return stage
+
+
 def log_and_continue(exn: Exception) -> bool:
-    """webdataset handler: a broken or truncated tar is logged and counted, and training goes on."""
-    log.warning("skipping unreadable shard data: %r", exn)
-    DATA_ERRORS["unreadable_tar"] += 1
+    """webdataset handler for pipelines built on ``wds.tarfile_to_samples`` (prefer ``read_shards``,
+    which names the offset and the sample cut and counts a damaged shard once)."""
+    DATA_ERRORS.record("unreadable_tar", "skipping unreadable shard data: %r", exn)
     return True
 
 
-def decode_text(raw: bytes | None, url: str, key: str) -> str:
-    """UTF-8 caption bytes; undecodable bytes are replaced and counted."""
+def decode_text(raw: bytes | None, url: str, key: str, errors: DataErrors | None = None) -> str:
+    """UTF-8 caption bytes; bytes that are not UTF-8 are replaced with U+FFFD, logged and counted."""
     if not raw:
         return ""
     try:
         return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        DATA_ERRORS["undecodable_text"] += 1
-        log.warning("undecodable bytes in caption of %s in %s replaced", key, url)
+    except UnicodeDecodeError as e:
+        (DATA_ERRORS if errors is None else errors).record(
+            "bad_bytes", "alt-text of sample %s in shard %s is not UTF-8 (%s); bytes replaced", key, url, e.reason
+        )
         return raw.decode("utf-8", errors="replace")
 
 
-def attach_captions(sources: tuple[str, ...], sidecar_dir: str | None = None) -> Callable[[Iterable], Iterator]:
+def attach_captions(
+    sources: tuple[str, ...], sidecar_dir: str | None = None, errors: DataErrors | None = None
+) -> Callable[[Iterable], Iterator]:
     """Add ``sample["captions"] = {"alt": alt_text, source: caption or None, ...}``.
 
     Sidecars are read when a new shard starts, so memory is bounded by one shard.
     """
+    for source in sources:
+        validate_name(source, "caption source")
 
     def load_tables(url: str) -> dict[str, dict[str, str]]:
         tables = {}
@@ -134,7 +230,7 @@ def attach_captions(sources: tuple[str, ...], sidecar_dir: str | None = None) ->
             if url != current_url:
                 current_url, tables, seen, hits = url, load_tables(url), 0, Counter()
             key = sample["__key__"]
-            captions: dict[str, str | None] = {ALT: decode_text(sample.get("txt"), url, key)}
+            captions: dict[str, str | None] = {ALT: decode_text(sample.get("txt"), url, key, errors)}
             for source, table in tables.items():
                 captions[source] = caption = table.get(key)
                 hits[source] += caption is not None
@@ -146,23 +242,62 @@ def attach_captions(sources: tuple[str, ...], sidecar_dir: str | None = None) ->
     return stage
 
 
+def _blank(text: str | None) -> bool:
+    return text is None or not text.strip()
+
+
+def blank_alt_order(mixture: Mixture) -> tuple[str, ...]:
+    """Synthetic sources tried for a blank alt-text: those in the fallback order, then the rest as declared."""
+    named = [s for s in mixture.fallback if s != ALT]
+    return tuple(dict.fromkeys([*named, *mixture.synthetic_sources]))
+
+
+def _choose(
+    captions: dict[str, str | None], mix: Mixture, seed: int, epoch: int, key: str, policy: str, errs: DataErrors
+) -> Choice | None:
+    """The caption choice with the blank alt-text rule applied; None means skip the sample (counted)."""
+    choice = choose_caption(captions, mix, seed, epoch, key)
+    if not _blank(captions.get(ALT)):
+        return choice
+    if policy == "skip":
+        errs.record("blank_alt/skipped")
+        return None
+    if choose_caption({**captions, ALT: "-"}, mix, seed, epoch, key).source != ALT:
+        return choice  # the alt-text would not have been used anyway
+    if choice.source == ALT:  # nothing usable along the mixture's fallback order: try every synthetic source
+        source = next((s for s in blank_alt_order(mix) if not _blank(captions.get(s))), None)
+        if source is None:
+            errs.record("blank_alt/skipped")
+            return None
+        choice = Choice(captions[source], source, choice.wanted)
+    errs.record(f"blank_alt/fallback/{choice.source}")
+    return choice
+
+
 def mix_captions(
     mixture: Mixture,
     seed: int,
     epoch: SharedEpoch,
     schedule: PSchedule | None = None,
     num_epochs: int = 1,
+    blank_alt: str = "fallback",
+    errors: DataErrors | None = None,
 ) -> Callable[[Iterable], Iterator]:
     """Set ``caption``, ``caption_source`` (used) and ``caption_wanted`` (drawn) on each sample.
 
     With a schedule, the synthetic share for the epoch is ``schedule.at_epoch(epoch, num_epochs)``.
+    Samples with blank alt-text follow ``blank_alt`` (module docstring).
     """
+    policy = check_blank_alt(blank_alt)
+    errs = DATA_ERRORS if errors is None else errors
 
     def stage(src: Iterable[dict]) -> Iterator[dict]:
         ep = epoch.get()
         mix = mixture if schedule is None else mixture.with_synthetic_share(schedule.at_epoch(ep, num_epochs))
         for sample in src:
-            choice = choose_caption(sample["captions"], mix, seed, ep, sample["__key__"])
+            choice = _choose(sample["captions"], mix, seed, ep, sample["__key__"], policy, errs)
+            if choice is None:
+                continue
             sample["caption"] = choice.caption
             sample["caption_source"] = choice.source
             sample["caption_wanted"] = choice.wanted
@@ -194,22 +329,29 @@ def shuffle_samples(bufsize: int, seed: int, epoch: SharedEpoch) -> Callable[[It
     return stage
 
 
-def decode_image(src: Iterable[dict]) -> Iterator[dict]:
-    """Decode the image member to RGB PIL; a corrupt image is skipped and logged with shard and key."""
-    for sample in src:
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            DATA_ERRORS["no_image"] += 1
-            log.warning("sample %s in %s has no image member; skipped", sample.get("__key__"), sample.get("__url__"))
-            continue
-        try:
-            with Image.open(io.BytesIO(sample[ext])) as img:
-                sample["image"] = img.convert("RGB")
-        except Exception as exn:  # PIL raises many types for broken files
-            DATA_ERRORS["corrupt_image"] += 1
-            log.warning("corrupt image %s in shard %s skipped: %s", sample.get("__key__"), sample.get("__url__"), exn)
-            continue
-        yield sample
+def decode_images(errors: DataErrors | None = None) -> Callable[[Iterable], Iterator]:
+    """Stage: decode the image member to RGB PIL; a corrupt or missing image is skipped, logged and counted."""
+    errs = DATA_ERRORS if errors is None else errors
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            key, url = sample.get("__key__"), sample.get("__url__")
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if ext is None:
+                errs.record("no_image", "sample %s in shard %s has no image member; skipped", key, url)
+                continue
+            try:
+                with Image.open(io.BytesIO(sample[ext])) as img:
+                    sample["image"] = img.convert("RGB")
+            except Exception as exn:  # PIL raises many types for broken files
+                errs.record("corrupt_image", "corrupt image %s in shard %s skipped: %s", key, url, exn)
+                continue
+            yield sample
+
+    return stage
+
+
+decode_image = decode_images()  # the stage with the process-wide counts
 
 
 def to_training_tuple(
@@ -248,8 +390,57 @@ def collate(samples: list[tuple]) -> dict[str, Any]:
         "keys": list(keys),
         "sources": list(sources),
         "wanted": list(wanted),
-        "data_errors": take_data_errors(),
     }
+
+
+def batch_samples(
+    batch_size: int, collate_fn: Callable[[list], dict], partial: bool, errors: DataErrors | None = None
+) -> Callable[[Iterable], Iterator]:
+    """Stage: batches with ``data_errors``; counts left after the last batch come as an errors-only item."""
+    errs = DATA_ERRORS if errors is None else errors
+
+    def deliver(batch: dict) -> dict:
+        counts = Counter(batch.get("data_errors", {}))  # a collate_fn that took counts itself keeps them
+        counts.update(errs.take())
+        batch["data_errors"] = dict(counts)
+        return batch
+
+    def stage(src: Iterable[Any]) -> Iterator[dict]:
+        buf: list[Any] = []
+        for sample in src:
+            buf.append(sample)
+            if len(buf) == batch_size:
+                yield deliver(collate_fn(buf))
+                buf = []
+        if buf and partial:
+            yield deliver(collate_fn(buf))
+        elif any(errs.values()):
+            yield {ERRORS_ONLY: True, "data_errors": errs.take()}
+
+    return stage
+
+
+class EpochBatches(torch.utils.data.IterableDataset):
+    """``n`` real batches per iteration (per worker): passes over ``pipeline`` repeat while it runs
+    short, as WebDataset's ``with_epoch`` does, but errors-only items are passed on without
+    counting towards ``n``."""
+
+    def __init__(self, pipeline: Iterable[dict], n: int) -> None:
+        super().__init__()
+        self.pipeline, self.n = pipeline, n
+
+    def __iter__(self) -> Iterator[dict]:
+        real = 0
+        while True:
+            got = 0
+            for item in self.pipeline:
+                yield item
+                if not is_errors_only(item):
+                    got, real = got + 1, real + 1
+                    if real >= self.n:
+                        return
+            if got == 0:
+                return
 
 
 def caption_sample_stages(
@@ -263,13 +454,20 @@ def caption_sample_stages(
     schedule: PSchedule | None = None,
     num_epochs: int = 1,
     resampled: bool = False,
+    blank_alt: str = "fallback",
+    errors: DataErrors | None = None,
 ) -> list:
     """Stages up to the mixed caption (no shuffle buffer, no decode): the part every task shares.
 
     ``resampled=True`` draws shards with replacement per worker (for corpora with fewer shards
     than ranks x workers, or fixed-length epochs); the caption choice stays a function of
     (seed, epoch, key). Without it, every sample appears exactly once per epoch across ranks x workers.
+    ``blank_alt`` is the rule for blank alt-text (module docstring); ``errors`` receives the counts
+    (default: the process-wide ``DATA_ERRORS``).
     """
+    check_blank_alt(blank_alt)
+    for source in mixture.synthetic_sources:
+        validate_name(source, "caption source")
     urls = expand_shards(shards)
     if resampled:
         stages: list = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
@@ -279,9 +477,9 @@ def caption_sample_stages(
             stages.append(shuffle_shards(urls, seed, epoch))
         stages += [wds.split_by_node, wds.split_by_worker]
     stages += [
-        wds.tarfile_to_samples(handler=log_and_continue),
-        attach_captions(mixture.synthetic_sources, sidecar_dir),
-        mix_captions(mixture, seed, epoch, schedule, num_epochs),
+        read_shards(errors),
+        attach_captions(mixture.synthetic_sources, sidecar_dir, errors),
+        mix_captions(mixture, seed, epoch, schedule, num_epochs, blank_alt, errors),
     ]
     return stages
 
@@ -303,13 +501,16 @@ def build_caption_pipeline(
     num_epochs: int = 1,
     resampled: bool = False,
     batches_per_epoch: int | None = None,
-) -> wds.DataPipeline:
+    blank_alt: str = "fallback",
+) -> torch.utils.data.IterableDataset:
     """The training input pipeline; iterate it (or wrap it in a DataLoader with batch_size=None).
 
-    ``batches_per_epoch`` fixes the epoch length per worker (required with ``resampled``).
+    ``batches_per_epoch`` fixes the epoch length per worker in real batches (required with
+    ``resampled``). Items follow the trainer contract in the module docstring (``iter_batches``).
     """
     if resampled and not batches_per_epoch:
         raise ValueError("resampled shards need batches_per_epoch (an epoch would never end)")
+    errors = DataErrors()
     stages = caption_sample_stages(
         shards,
         mixture=mixture,
@@ -320,20 +521,20 @@ def build_caption_pipeline(
         schedule=schedule,
         num_epochs=num_epochs,
         resampled=resampled,
+        blank_alt=blank_alt,
+        errors=errors,
     )
     stages += [
         shuffle_samples(shuffle_buffer, seed, epoch),
-        decode_image,
+        decode_images(errors),
         wds.map(to_training_tuple(image_transform, tokenizer, long_captions, seed, epoch)),
-        wds.batched(batch_size, collation_fn=collate, partial=not drop_last),
+        batch_samples(batch_size, collate, partial=not drop_last, errors=errors),
     ]
     pipeline = wds.DataPipeline(*stages)
-    if batches_per_epoch:
-        pipeline = pipeline.with_epoch(nbatches=batches_per_epoch)
-    return pipeline
+    return EpochBatches(pipeline, batches_per_epoch) if batches_per_epoch else pipeline
 
 
-def make_loader(pipeline: wds.DataPipeline, num_workers: int) -> torch.utils.data.DataLoader:
+def make_loader(pipeline: Iterable, num_workers: int) -> torch.utils.data.DataLoader:
     """DataLoader over an already-batched pipeline."""
     return torch.utils.data.DataLoader(
         pipeline,

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from caption_mixing.mixconfig import MixingFields, p_from_captions
+
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
@@ -66,18 +68,21 @@ def coerce(kind: str, key: str, value: Any, source: str) -> Any:
 def check_keys(cls: type, keys: list[str], source: str) -> None:
     """Unknown keys are an error naming the source and suggesting close field names."""
     known = _field_types(cls)
+    derived = getattr(cls, "DERIVED_KEYS", {})
     for key in keys:
+        if key in derived:
+            raise ValueError(f"{source}: {key!r} is derived from the config, not set; set {derived[key]} instead")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(f"{source}: unknown config key {key!r}{hint}")
 
 
-def resolve_preset(cls: type, preset_dir: Path, preset: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Field values for ``cls`` from a preset (a name in ``preset_dir`` or a YAML path) plus overrides.
+JOB_KEY = "job"  # a preset's job shape for the sweep launcher (experiments.resources), not a config field
 
-    The result also carries ``preset``; the caller builds and validates the dataclass.
-    """
+
+def read_preset_file(preset_dir: Path, preset: str) -> tuple[Path, dict[str, Any]]:
+    """(path, mapping) of a preset: a name in ``preset_dir`` or a YAML path; errors name the preset or file."""
     path = Path(preset)
     if not path.suffix:
         path = Path(preset_dir) / f"{preset}.yaml"
@@ -87,6 +92,32 @@ def resolve_preset(cls: type, preset_dir: Path, preset: str, overrides: dict[str
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a preset is a mapping of config keys, got {type(raw).__name__}")
+    return path, raw
+
+
+def read_job_shape(preset_dir: Path, preset: str) -> dict[str, Any]:
+    """The preset's ``job:`` mapping (nodes, gpus_per_node, ... as written), or {} when it has none.
+
+    Job shapes live beside the config they run so a reader sees both in one file; the sweep
+    launcher checks the keys and values (the config loader ignores the block).
+    """
+    path, raw = read_preset_file(preset_dir, preset)
+    job = raw.get(JOB_KEY)
+    if job is None:
+        return {}
+    if not isinstance(job, dict):
+        raise ValueError(f"{path}: {JOB_KEY} must be a mapping of job resources, got {type(job).__name__}")
+    return dict(job)
+
+
+def resolve_preset(cls: type, preset_dir: Path, preset: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Field values for ``cls`` from a preset (a name in ``preset_dir`` or a YAML path) plus overrides.
+
+    The result also carries ``preset``; the caller builds and validates the dataclass. The preset's
+    ``job`` block (its Slurm job shape, see ``read_job_shape``) is not a config key and is skipped.
+    """
+    path, raw = read_preset_file(preset_dir, preset)
+    raw.pop(JOB_KEY, None)
     types = _field_types(cls)
     check_keys(cls, list(raw), str(path))
     values = {k: coerce(types[k], k, v, str(path)) for k, v in raw.items()}
@@ -94,4 +125,6 @@ def resolve_preset(cls: type, preset_dir: Path, preset: str, overrides: dict[str
     check_keys(cls, list(overrides), "--set")
     values.update({k: coerce(types[k], k, v, "--set") for k, v in overrides.items()})
     values["preset"] = preset
+    if issubclass(cls, MixingFields):
+        values = p_from_captions(values, overrides)
     return values

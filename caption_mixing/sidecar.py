@@ -4,7 +4,8 @@ A sidecar holds one caption source (e.g. ``altogether``) for one WebDataset shar
 object ``{"format", "shard", "source", "captions": {sample_key: caption}}``. It lives next to
 the shard as ``{shard_stem}.{source}.json`` (or in a separate folder with the same name), so
 captions are joined to samples one shard at a time: memory is bounded by the shard, not the
-corpus, and source shards are never modified.
+corpus, and source shards are never modified. A source name becomes part of a file name, so it
+must be a plain name (``paths.validate_name``): ``x/../../y`` is refused before any file is touched.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 from caption_mixing.atomic import atomic_write_json
+from caption_mixing.paths import validate_name
 
 SIDECAR_FORMAT = "caption_mixing.sidecar/1"
 
@@ -32,7 +34,8 @@ def shard_stem(shard: str | os.PathLike) -> str:
 
 
 def sidecar_path(shard: str | os.PathLike, source: str, sidecar_dir: str | os.PathLike | None = None) -> Path:
-    """Where the sidecar of caption source ``source`` for ``shard`` lives."""
+    """Where the sidecar of caption source ``source`` for ``shard`` lives (``source`` must be a plain name)."""
+    validate_name(source, "caption source")
     folder = Path(sidecar_dir) if sidecar_dir is not None else Path(str(shard)).parent
     return folder / f"{shard_stem(shard)}.{source}.json"
 

@@ -1,7 +1,8 @@
 """``python -m caption_mixing stats``: caption lengths per source, in words and in tokens.
 
 Shows how much of each source a text tower with a given context (77 tokens for CLIP) truncates,
-which decides whether a long-caption policy matters for a corpus.
+which decides whether a long-caption policy matters for a corpus. Damaged shards and alt-text
+that is not UTF-8 are counted like in training and reported after the table.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from tqdm import tqdm
 from caption_mixing.atomic import atomic_write, atomic_write_json
 from caption_mixing.long_captions import token_counter
 from caption_mixing.mixing import ALT
-from caption_mixing.pipeline import attach_captions, log_and_continue
+from caption_mixing.paths import check_output_dir, validate_name
+from caption_mixing.pipeline import DataErrors, attach_captions, read_shards
 from caption_mixing.shards import expand_shards
 
 
@@ -28,13 +30,15 @@ def collect_lengths(
     sidecar_dir: str | None,
     max_samples: int | None,
     progress: bool,
+    errors: DataErrors | None = None,
 ) -> dict[str, dict[str, list[int]]]:
     """Per source: word and token counts of every non-blank caption (alt-text is source ``alt``)."""
     synthetic = tuple(s for s in sources if s != ALT)
+    errors = DataErrors() if errors is None else errors
     pipe = wds.DataPipeline(
         wds.SimpleShardList(expand_shards(shards)),
-        wds.tarfile_to_samples(handler=log_and_continue),
-        attach_captions(synthetic, sidecar_dir),
+        read_shards(errors),
+        attach_captions(synthetic, sidecar_dir, errors),
     )
     lengths = {s: {"words": [], "tokens": []} for s in sources}
     for sample in tqdm(itertools.islice(pipe, max_samples), desc="captions", unit=" samples", disable=not progress):
@@ -44,6 +48,11 @@ def collect_lengths(
                 lengths[source]["words"].append(len(caption.split()))
                 lengths[source]["tokens"].append(count_tokens(caption))
     return lengths
+
+
+def parse_sources(text: str) -> tuple[str, ...]:
+    """``"alt,altogether"`` -> names; each must be a plain name (it names sidecar files)."""
+    return tuple(validate_name(s.strip(), "--sources") for s in text.split(","))
 
 
 def summarize_lengths(lengths: dict[str, dict[str, list[int]]], context_length: int) -> dict[str, dict]:
@@ -107,18 +116,21 @@ def plot_lengths(lengths: dict[str, dict[str, list[int]]], context_length: int, 
 
 
 def stats(args: argparse.Namespace) -> int:
+    sources = parse_sources(args.sources)  # before the slow import: bad arguments fail at once
+    out = check_output_dir(args.out, "--out") if args.out else None
     import open_clip
 
     tokenizer = open_clip.get_tokenizer(args.model)
     context = args.context_length or tokenizer.context_length
-    sources = tuple(s.strip() for s in args.sources.split(","))
+    errors = DataErrors()
     lengths = collect_lengths(
-        args.shards, sources, token_counter(tokenizer), args.sidecar_dir, args.max_samples, not args.quiet
+        args.shards, sources, token_counter(tokenizer), args.sidecar_dir, args.max_samples, not args.quiet, errors
     )
     summary = summarize_lengths(lengths, context)
     print(format_stats(summary, context))
-    if args.out:
-        out = Path(args.out)
+    if errors:
+        print("data problems (see the warnings above): " + ", ".join(f"{k}={v}" for k, v in sorted(errors.items())))
+    if out is not None:
         atomic_write_json(
             out / "caption_stats.json", {"model": args.model, "context_length": context, "sources": summary}
         )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from caption_mixing.paths import check_output_dir
 from clip_train.config import list_presets, load_config, parse_overrides
 
 PREEMPTED_EXIT_CODE = 75
@@ -26,16 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="reuse a run folder made by another config")
     args = parser.parse_args(argv)
     try:
+        out = check_output_dir(args.out, "--out")
         cfg = load_config(args.preset, parse_overrides(args.set))
     except ValueError as exn:
         parser.error(str(exn))
 
-    from clip_train.distributed import cleanup
     from clip_train.experiment import run_point
-    from clip_train.preemption import Preempted
+    from training.distributed import cleanup
+    from training.preemption import Preempted
 
     try:
-        metrics = run_point(cfg, Path(args.out), testbed_dir=args.testbed_dir, force=args.force)
+        metrics = run_point(cfg, out, testbed_dir=args.testbed_dir, force=args.force)
     except Preempted as exn:
         print(f"preempted: {exn}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

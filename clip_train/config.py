@@ -1,6 +1,8 @@
 """CLIP training config: a flat dataclass filled from a preset file, then from overrides.
 
-Presets are plain YAML in ``clip_train/presets`` so two setups can be diffed line by line.
+Presets are plain YAML in ``clip_train/presets`` so two setups can be diffed line by line. The
+mixing fields (p, captions, fallback, mode, schedule, long captions, blank alt-text) come from
+``caption_mixing.mixconfig.MixingFields``, shared with t2i, and are validated there once.
 """
 
 from __future__ import annotations
@@ -8,13 +10,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from caption_mixing import presets
-from caption_mixing.long_captions import POLICIES as LONG_CAPTION_POLICIES
-from caption_mixing.mixing import ALT, PER_SAMPLE, PER_VISIT, Mixture
+from caption_mixing.mixconfig import MixingFields, validate_mixing
 from caption_mixing.presets import parse_overrides
-from caption_mixing.schedules import PSchedule, parse_schedule
 
 __all__ = ["ClipTrainConfig", "list_presets", "load_config", "parse_overrides", "validate"]
 
@@ -24,19 +24,19 @@ LOGGERS = ("tensorboard", "wandb", "none")
 
 
 @dataclass
-class ClipTrainConfig:
+class ClipTrainConfig(MixingFields):
+    # Keys a user may try to set that the config derives: `--set steps=...` names the field to set instead.
+    DERIVED_KEYS: ClassVar[dict[str, str]] = {"steps": "samples_seen"}
+
     model: str = "EmbeddedCLIP-Tiny"
     train_shards: str | None = "embedded"  # brace pattern(s) joined by "::", or "embedded"
     sidecar_dir: str | None = None  # where synthetic-caption sidecars live; default: beside the shards
-    eval_tasks: str | None = "embedded"  # "embedded" or a comma list of name=path
-    synthetic_source: str = "altogether"
-    p: float = 0.15  # share of synthetic captions (all synthetic sources together)
-    # Mixing beyond one synthetic source (see caption_mixing.Mixture / schedules / long_captions):
-    captions: str | None = None  # "alt=0.85,altogether_r3=0.15"; None: alt-text + synthetic_source at p
-    caption_fallback: str = ALT  # comma list: sources to try, in order, when the drawn one is missing
-    mix_mode: str = PER_VISIT  # per_visit (the paper: drawn anew each epoch) | per_sample (fixed across epochs)
-    p_schedule: str | None = None  # p over training: constant:P | linear:P0:P1[:T0:T1] | step:P@T,...
-    long_captions: str = "head"  # captions longer than the text context: head | sentences | random_window
+    # Evaluation (eval.tasks.parse_task_spec): groups (paper26, retrieval, datacomp, testbed), registry
+    # names and ad-hoc NAME=PATH, comma-separated; "embedded" = the testbed group on the embedded testbed.
+    eval_tasks: str | None = "embedded"
+    eval_dataset_root: str | None = None  # where registry tasks are looked for (unused by NAME=PATH and embedded)
+    eval_keep_going: bool = False  # missing eval data: skip those tasks (avg over k/N) instead of stopping
+    eval_amp: bool = False  # evaluate under autocast; default fp32, as MetaCLIP's clipeval and `eval zeroshot`
     seed: int = 0
     batch_size: int = 128
     samples_seen: int = 51200
@@ -67,7 +67,7 @@ class ClipTrainConfig:
     # Logging and periodic quick zero-shot eval (rank 0 only).
     logger: str = "tensorboard"  # comma list of tensorboard, wandb; or none
     eval_every: int = 0  # steps between quick zero-shot evals; 0 = off
-    quick_eval_tasks: str | None = None  # comma list of eval task names; None = all of eval_tasks
+    quick_eval_tasks: str | None = None  # comma list of names among eval_tasks; None = all of them
     preset: str | None = None
 
     @property
@@ -85,22 +85,6 @@ class ClipTrainConfig:
             )
         return self.batch_size // parts
 
-    def mixture(self) -> Mixture:
-        """The caption mixture for this run: ``captions``' sources rescaled so the synthetic ones share p."""
-        if self.captions is None:
-            return Mixture.from_p(self.p, self.synthetic_source, mode=self.mix_mode)
-        mix = Mixture.parse(self.captions, fallback=self.caption_fallback, mode=self.mix_mode, flag="captions")
-        if ALT not in mix.sources:
-            raise ValueError(f"captions={self.captions!r}: name alt-text as {ALT!r} (e.g. {ALT}=0.85,altogether=0.15)")
-        if not any(w > 0 for n, w in mix.weights if n != ALT):
-            if self.p != 0:
-                raise ValueError(f"captions={self.captions!r} gives synthetic captions no weight, but p={self.p:g}")
-            return mix
-        return mix.with_synthetic_share(self.p)
-
-    def schedule(self) -> PSchedule | None:
-        return None if self.p_schedule is None else parse_schedule(self.p_schedule, flag="p_schedule")
-
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "steps": self.steps}
 
@@ -110,20 +94,16 @@ def list_presets() -> list[str]:
 
 
 def load_config(preset: str = "embedded", overrides: dict[str, Any] | None = None) -> ClipTrainConfig:
-    """Resolve a preset (name in clip_train/presets or a YAML path) plus overrides."""
-    overrides = overrides or {}
-    values = presets.resolve_preset(ClipTrainConfig, PRESET_DIR, preset, overrides)
-    if values.get("captions") and "p" not in overrides:  # p follows the written mixture
-        weights = Mixture.parse(values["captions"], flag="captions").weights
-        values["p"] = round(1.0 - dict(weights).get(ALT, 0.0), 12)
+    """Resolve a preset (name in clip_train/presets or a YAML path) plus overrides, then validate."""
+    values = presets.resolve_preset(ClipTrainConfig, PRESET_DIR, preset, overrides or {})
     cfg = ClipTrainConfig(**values)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: ClipTrainConfig) -> None:
-    if not 0.0 <= cfg.p <= 1.0:
-        raise ValueError(f"p={cfg.p} is outside [0, 1]")
+    """Every field checked before anything runs; each error names its key."""
+    validate_mixing(cfg)
     if cfg.batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {cfg.batch_size}")
     if cfg.precision not in PRECISIONS:
@@ -143,11 +123,7 @@ def validate(cfg: ClipTrainConfig) -> None:
     bad = [x for x in cfg.logger.split(",") if x.strip() not in LOGGERS]
     if bad:
         raise ValueError(f"logger: {bad[0]!r} is not one of {', '.join(LOGGERS)}")
-    if cfg.mix_mode not in (PER_VISIT, PER_SAMPLE):
-        raise ValueError(f"mix_mode must be {PER_VISIT} or {PER_SAMPLE}, got {cfg.mix_mode!r}")
-    if cfg.long_captions not in LONG_CAPTION_POLICIES:
-        raise ValueError(f"long_captions must be one of {', '.join(LONG_CAPTION_POLICIES)}, got {cfg.long_captions!r}")
-    cfg.mixture()  # raises naming the key on a malformed captions spec
-    cfg.schedule()
+    if cfg.quick_eval_tasks is not None and not cfg.eval_tasks:
+        raise ValueError("quick_eval_tasks is set but eval_tasks is empty: name the tasks in eval_tasks")
     if cfg.train_shards is None:
         raise ValueError("train_shards is not set: pass --set train_shards='/data/cc12m/{00000..01242}.tar'")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 
 import open_clip
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers EmbeddedCLIP-Tiny under open_clip's registry
+import testbed.models  # noqa: F401  (registers EmbeddedCLIP-Tiny under open_clip's registry)
 
 
 def check_model_name(name: str) -> None:

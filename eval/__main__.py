@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+from caption_mixing.paths import check_output_dir
 
-
-def _json_safe(obj: object) -> object:
-    """NaN -> null (e.g. acc5 below 5 classes, an empty group), so the files are strict JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
+if TYPE_CHECKING:
+    from eval.tasks import Task
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
@@ -32,41 +24,53 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from eval.prepare import prepare
 
-    info = prepare(args.task, args.source, args.out)
+    info = prepare(args.task, args.source, check_output_dir(args.out, "--out"))
     print(json.dumps({k: v for k, v in info.items() if k != "missing_videos"}))
     print(f"wrote {args.out}")
     return 0
 
 
+def _zeroshot_tasks(args: argparse.Namespace) -> list[Task]:
+    """--tasks and --extra-task through the one parser; fails on typos and bad names before anything runs."""
+    from eval.tasks import parse_task_spec, unique_tasks
+
+    extra = [t for spec in args.extra_task for t in parse_task_spec(spec, "--extra-task")]
+    spec = args.tasks if args.tasks is not None else ("" if extra else "paper26")
+    return unique_tasks([*(parse_task_spec(spec) if spec else []), *extra], "--tasks/--extra-task")
+
+
 def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    import torch
+
     from caption_mixing.atomic import atomic_write_json
     from eval.classifier_cache import ClassifierCache
     from eval.model_loading import load_model
+    from eval.preflight import check_tasks
+    from eval.results import metrics_document
     from eval.runner import run_suite
-    from eval.tasks import local_task, resolve_tasks
 
-    extra = [local_task(spec) for spec in args.extra_task]
-    spec = args.tasks if args.tasks is not None else ("" if extra else "paper26")
-    tasks = (resolve_tasks(spec) if spec else []) + extra  # fail on typos before loading anything
+    tasks = _zeroshot_tasks(args)
+    out = check_output_dir(args.out, "--out")
+    cache_dir = check_output_dir(args.cache_dir, "--cache-dir") if args.cache_dir else out / "classifier_cache"
     if not Path(args.dataset_root).is_dir():
         raise ValueError(f"--dataset-root {args.dataset_root}: not a folder")
+    for problem in check_tasks(tasks, args.dataset_root, keep_going=args.keep_going, download=args.download):
+        print(f"warning: {problem}", file=sys.stderr)  # only with --keep-going; otherwise it raised
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, preprocess, model_id = load_model(
         args.model, args.checkpoint, device=device, config_dir=args.model_config_dir
     )
-    out = Path(args.out)
-    amp = device.startswith("cuda")  # a classifier computed under AMP is cached apart from an fp32 one
-    cache = ClassifierCache(f"{model_id}@{'amp' if amp else 'fp32'}", args.cache_dir or out / "classifier_cache")
+    precision = "amp" if args.amp else "fp32"  # a classifier computed under AMP is cached apart from an fp32 one
     res = run_suite(
         model,
         tokenizer,
         preprocess,
         tasks,
         args.dataset_root,
-        cache=cache,
+        cache=ClassifierCache(f"{model_id}@{precision}", cache_dir),
         out_dir=out,
         device=device,
-        amp=amp,
+        amp=args.amp,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         download=args.download,
@@ -78,13 +82,18 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
         "model_id": model_id,
         "dataset_root": str(args.dataset_root),
         "device": device,
-        "amp": amp,
+        "precision": precision,
     }
-    atomic_write_json(out / "summary.json", _json_safe({**meta, **res["summary"]}))
+    atomic_write_json(out / "summary.json", {**meta, **res["summary"]})  # strict JSON: NaN -> null
     if args.p is not None:
         label = args.label or f"p={args.p:g}"
-        atomic_write_json(out / "metrics.json", _json_safe({"p": args.p, "label": label, **meta, **res}))
-    s = res["summary"]
+        atomic_write_json(out / "metrics.json", metrics_document(res, p=args.p, label=label, **meta))
+    _print_summary(res["summary"])
+    print(f"wrote {out / 'summary.json'} and {out / 'tasks'}/*.json")
+    return 1 if res["summary"]["errors"] else 0
+
+
+def _print_summary(s: dict[str, Any]) -> None:
     line = (
         f"average {100 * s['average']:.2f} (avg over {s['average_over']} tasks)"
         if s["num_tasks_averaged"]
@@ -98,15 +107,13 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     for group, info in s["datacomp_groups"].items():
         if info["num_members"]:
             print(f"DataComp {group}: {100 * info['average']:.2f} (over {info['coverage']} members)")
-    print(f"wrote {out / 'summary.json'} and {out / 'tasks'}/*.json")
-    return 1 if s["errors"] else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from eval.paper_report import load_runs, write_report
 
+    out = check_output_dir(args.out, "--out") if args.out else Path(args.runs_dir) / "report"
     runs = load_runs(args.runs_dir)
-    out = Path(args.out) if args.out else Path(args.runs_dir) / "report"
     paths = write_report(runs, out, baseline=args.baseline, title=args.title, notice=args.notice)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -134,24 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tasks",
         default=None,
-        help="paper26 | retrieval | datacomp | comma-separated names "
-        "(default paper26, or none when --extra-task is given)",
+        help="comma list of groups (paper26, retrieval, datacomp, testbed), registry names and NAME=PATH "
+        "folders (default paper26, or none when --extra-task is given)",
     )
     p.add_argument(
         "--extra-task",
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="also evaluate a local wds folder outside the registry (repeatable)",
+        help="also evaluate a local wds folder (repeatable); a registry NAME keeps its registry metric",
     )
     p.add_argument("--dataset-root", required=True, help="folder holding wds_<name> (and builder) dataset folders")
     p.add_argument("--out", required=True, help="output folder for tasks/*.json and summary.json")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (AMP on cuda)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--amp", action="store_true", help="autocast (mixed precision); default fp32, as MetaCLIP evaluates")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cache-dir", default=None, help="classifier cache (default OUT/classifier_cache)")
     p.add_argument("--download", action="store_true", help="let clip_benchmark builders download missing data")
-    p.add_argument("--keep-going", action="store_true", help="record a failing task as an error and continue")
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="evaluate what can be: tasks failing the up-front check are listed as missing/error, not fatal",
+    )
     p.add_argument("--p", type=float, default=None, help="also write OUT/metrics.json for reports, with this p")
     p.add_argument("--label", default=None, help="run label in reports (default p=<p>)")
     p.set_defaults(func=_cmd_zeroshot)

@@ -2,9 +2,10 @@
 
 clip_benchmark 1.6.2's ``metrics.zeroshot_classification.accuracy`` does
 ``float(tensor.cpu().numpy())`` on a 1-element array, which numpy >= 2.4 rejects, so every
-classification run of its CLI crashes. This launcher replaces only that function (same signature,
-same result) and then calls ``clip_benchmark.cli.main()`` unchanged; it can also register custom
-open_clip model configs first, since the CLI loads ``--model NAME --pretrained PATH`` via open_clip.
+classification run of its CLI crashes. This launcher replaces only that function with
+``eval.metrics.topk_accuracy`` (same signature, same result; the suite's one top-k) and then calls
+``clip_benchmark.cli.main()`` unchanged; it can also register custom open_clip model configs first,
+since the CLI loads ``--model NAME --pretrained PATH`` via open_clip.
 
     python -m eval.cb_launcher [--model-config-dir DIR] eval --dataset wds/x --dataset_root ... --model ...
 
@@ -17,22 +18,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import torch
-
-
-def numpy_safe_accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> list[float]:
-    """clip_benchmark's ``accuracy`` with ``.item()`` instead of ``float(ndarray)``."""
-    pred = output.topk(max(topk), 1, True, True)[1].t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    n = len(target)
-    return [correct[:k].reshape(-1).float().sum().item() / n for k in topk]
+from eval.metrics import topk_accuracy
 
 
 def patch_clip_benchmark() -> None:
     """Swap the broken function in the module ``evaluate`` looks it up from."""
     from clip_benchmark.metrics import zeroshot_classification
 
-    zeroshot_classification.accuracy = numpy_safe_accuracy
+    zeroshot_classification.accuracy = topk_accuracy
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -44,11 +37,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit("--model-config-dir needs a folder")
         config_dirs.append(args[i + 1])
         del args[i : i + 2]
-    if config_dirs:
-        from eval.model_loading import register_model_configs
+    from eval.model_loading import register_model_configs  # importing it registers EmbeddedCLIP-Tiny
 
-        for d in config_dirs:
-            register_model_configs(d)
+    for d in config_dirs:
+        register_model_configs(d)
     patch_clip_benchmark()
     from clip_benchmark import cli
 

@@ -23,24 +23,15 @@ class DataSource:
     split_note: str = ""  # set when the split read is not the paper's
 
 
-def locate(task: Task, dataset_root: str | Path, *, download: bool = False) -> DataSource | None:
+def locate(task: Task, dataset_root: str | Path | None, *, download: bool = False) -> DataSource | None:
     """The first usable location for ``task``, or None when nothing is there (see ``looked_for``)."""
-    if task.local_path:
-        folder = Path(task.local_path)
-        return DataSource("wds", folder, task.paper_split) if folder.is_dir() else None
-    root = Path(dataset_root)
-    for name in task.wds_dirs:
-        folder = root / name
-        if not folder.is_dir():
-            continue
-        for split in task.splits:
-            if (folder / split).is_dir():
-                note = "" if split == task.paper_split else f"paper uses split {task.paper_split!r}; read {split!r}"
-                return DataSource("wds", folder, split, note)
-        # present but without a split folder: let the reader raise a precise error about it
-        return DataSource("wds", folder, task.paper_split)
-    if task.builder and task.cb_name:
-        folder = root / task.cb_name
+    folders = looked_for(task, dataset_root)  # the wds folders, then the builder folder if the task has one
+    wds_folders = folders if task.local_path else folders[: len(task.wds_dirs)]
+    for folder in wds_folders:
+        if folder.is_dir():
+            return _wds_source(task, folder)
+    if len(folders) > len(wds_folders):
+        folder = folders[-1]
         if folder.is_dir() or download:
             wanted = task.paper_split
             note = f"paper uses split {wanted!r}; builder read its test data" if wanted != "test" else ""
@@ -48,7 +39,18 @@ def locate(task: Task, dataset_root: str | Path, *, download: bool = False) -> D
     return None
 
 
-def missing_report(task: Task, dataset_root: str | Path) -> dict[str, object]:
+def _wds_source(task: Task, folder: Path) -> DataSource:
+    """The first of the task's splits present in ``folder``; noted when it is not the paper's split."""
+    for split in task.splits:
+        if (folder / split).is_dir():
+            note = "" if split == task.paper_split else f"paper uses split {task.paper_split!r}; read {split!r}"
+            return DataSource("wds", folder, split, note)
+    # present but without a split folder: let the reader raise a precise error about it
+    return DataSource("wds", folder, task.paper_split)
+
+
+def missing_report(task: Task, dataset_root: str | Path | None) -> dict[str, object]:
     """The result recorded for a task without data: status and every path that was checked."""
     paths = [str(p) for p in looked_for(task, dataset_root)]
-    return {"status": "missing", "path": paths[0], "looked_for": paths, "main_metric": task.metric}
+    reason = f"no data found; looked for {', '.join(paths)}"
+    return {"status": "missing", "path": paths[0], "looked_for": paths, "main_metric": task.metric, "reason": reason}

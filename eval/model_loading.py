@@ -9,6 +9,7 @@ from typing import Any
 import open_clip
 import torch
 
+import testbed.models  # noqa: F401  (registers the testbed's EmbeddedCLIP-Tiny, so --model needs no config dir)
 from eval.classifier_cache import file_sha256
 
 
@@ -57,7 +58,8 @@ def load_model(
         close = difflib.get_close_matches(model_name, known, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(
-            f"--model {model_name!r} is not an open_clip model config{hint} (custom configs: pass --model-config-dir)"
+            f"--model {model_name!r} is not an open_clip model config{hint} (open_clip's own and the project's "
+            "EmbeddedCLIP-Tiny are known; for other configs pass --model-config-dir DIR with NAME.json files)"
         )
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint))

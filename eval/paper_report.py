@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from caption_mixing.atomic import atomic_write_bytes, atomic_write_text
-from eval.datacomp import group_averages
 from eval.report import format_table, load_run, write_sweep_report
-from eval.tasks import DATACOMP_GROUPS, PAPER26, PAPER_TASKS, REGISTRY
-from eval.zeroshot import main_metric_value
+from eval.results import group_averages, main_metric_value
+from eval.tasks import DATACOMP_GROUPS, PAPER26, PAPER_TASKS, REGISTRY, TASK_SETS
 
 MISSING = "—"
 Run = Mapping[str, Any]
@@ -46,12 +45,13 @@ def load_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def has_paper_tasks(runs: Sequence[Run]) -> bool:
-    return any(t in PAPER26 or t in REGISTRY for r in runs for t in r.get("tasks", {}))
+    """True when any run holds a registry task other than the embedded testbed's."""
+    return any(t in REGISTRY and t not in TASK_SETS["testbed"] for r in runs for t in r.get("tasks", {}))
 
 
 def _value(run: Run, task: str) -> float | None:
     res = run.get("tasks", {}).get(task)
-    return main_metric_value(res) if res else None
+    return main_metric_value(res, task) if res else None
 
 
 def paper26_average(run: Run) -> tuple[float | None, int]:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import clip_benchmark.datasets as cb_datasets
 
+from eval.wds_folder import CLASSNAMES_FILE, TEMPLATES_FILE
+
 DATA_DIR = Path(__file__).with_name("data")
 CB_DIR = Path(cb_datasets.__file__).parent
-CLASSNAMES_FILE = "classnames.txt"
-TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 
 
 @cache

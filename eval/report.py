@@ -1,6 +1,8 @@
 """Reports across a sweep over the synthetic-caption ratio p: markdown, CSV and a plot.
 
-Each run is a ``metrics.json`` written by a training run (``{"p", "label", "tasks", "summary", ...}``).
+Each run is a ``metrics.json`` (``eval.results.metrics_document``: ``{"p", "label", "tasks", "summary", ...}``)
+written by the training sweep or ``python -m eval zeroshot --p``. Each task is shown by its registry metric
+(``eval.tasks``; a task outside the registry by the ``main_metric`` its result names).
 Values are shown as percentages; a task a run did not evaluate is shown as "—", never as 0, and an
 average over fewer tasks than the table has is flagged, since it is not comparable across rows.
 """
@@ -16,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from caption_mixing.atomic import atomic_write, atomic_write_text
-from eval.zeroshot import main_metric_value, summarize
+from eval.results import main_metric_value, summarize
+from eval.tasks import REGISTRY
 
 MISSING = "—"
 RETRIEVAL_KS = (1, 5, 10)
@@ -37,11 +40,13 @@ def _sorted_runs(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def _task_columns(runs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """(task, main metric name) in first-seen order; the metric name comes from any run that ran it."""
+    """(task, main metric name) in first-seen order: the registry's metric, else the one any run recorded."""
     columns: dict[str, str] = {}
     for run in runs:
         for task, result in run.get("tasks", {}).items():
-            if not columns.get(task) and result.get("main_metric"):
+            if task in REGISTRY:
+                columns[task] = REGISTRY[task].metric
+            elif not columns.get(task) and result.get("main_metric"):
                 columns[task] = result["main_metric"]
             columns.setdefault(task, "")
     return list(columns.items())
@@ -68,7 +73,9 @@ def format_table(runs: Sequence[Mapping[str, Any]]) -> str:
     for run in runs:
         summary = summarize(run.get("tasks", {}))
         cells = [f"{float(run['p']):g}", *([str(run.get("label", ""))] if with_label else [])]
-        cells += [_pct(main_metric_value(run["tasks"][t]) if t in run.get("tasks", {}) else None) for t, _ in columns]
+        cells += [
+            _pct(main_metric_value(run["tasks"][t], t) if t in run.get("tasks", {}) else None) for t, _ in columns
+        ]
         average = _pct(summary["average"])
         if summary["num_tasks_averaged"] < len(columns) and summary["num_tasks_averaged"]:
             average += f" ({summary['num_tasks_averaged']}/{len(columns)} tasks)"
@@ -91,7 +98,7 @@ def _csv_text(runs: Sequence[Mapping[str, Any]]) -> str:
         tasks = run.get("tasks", {})
         summary = summarize(tasks)
         row = [repr(float(run["p"])), str(run.get("label", ""))]
-        row += [_pct(main_metric_value(tasks[t]) if t in tasks else None, None) for t, _ in columns]
+        row += [_pct(main_metric_value(tasks[t], t) if t in tasks else None, None) for t, _ in columns]
         row += [_pct(_ok_value(tasks.get(t), m), None) for t, m in extra]
         row += [_pct(summary["average"], None), summary["num_tasks_averaged"], summary["num_tasks"]]
         row.append(";".join(summary["missing"]))
@@ -116,7 +123,7 @@ def _plot_png(runs: Sequence[Mapping[str, Any]], title: str, notice: str | None)
     ps = [float(r["p"]) for r in runs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for task, metric in _task_columns(runs):
-        ys = [_nan_pct(main_metric_value(r["tasks"][task]) if task in r.get("tasks", {}) else None) for r in runs]
+        ys = [_nan_pct(main_metric_value(r["tasks"][task], task) if task in r.get("tasks", {}) else None) for r in runs]
         ax.plot(ps, ys, marker="o", label=f"{task} ({metric})")
     averages = [_nan_pct(summarize(r.get("tasks", {}))["average"]) for r in runs]
     ax.plot(ps, averages, marker="s", color="black", linestyle="--", label="average")

@@ -1,15 +1,33 @@
-"""The task registry: the paper's 26 zero-shot tasks (Table 6 order), retrieval and DataComp group members.
+"""The task registry and the one parser of task lists (``--tasks``, ``--extra-task``, the sweep's ``eval_tasks``).
 
-Each task says which metric MetaCLIP's clipeval reports for it, which clip_benchmark dataset it is,
-and where its data is looked for under ``--dataset-root``, so `python -m eval tasks` can show a
-researcher exactly what will be read before anything runs.
+The registry holds the paper's 26 zero-shot tasks (Table 6 order), retrieval, the DataComp group members
+and the embedded testbed's eval sets. Each task says which metric MetaCLIP's clipeval reports for it,
+which clip_benchmark dataset it is, and where its data is looked for under the dataset root, so
+`python -m eval tasks` can show a researcher exactly what will be read before anything runs.
+
+A task spec (:func:`parse_task_spec`) is a comma list of
+
+* groups: ``paper26``, ``retrieval`` (Flickr30k, COCO), ``datacomp``, ``testbed`` (concept, category,
+  color, count, retrieval: the embedded testbed's ``eval/<name>/`` folders, so its dataset root is the
+  testbed's ``eval`` folder);
+* registry names, e.g. ``cifar10``;
+* ad-hoc ``NAME=PATH`` items: a wds folder read from exactly PATH. A registry NAME keeps its registry
+  metric (``fgvc_aircraft=/data/eval/wds_fgvc_aircraft`` is scored by mean per-class recall); any other
+  NAME is scored by top-1 (or mean R@1 when PATH's ``dataset_type.txt`` says retrieval). NAME becomes a
+  file name (``tasks/<NAME>.json``), so it must be a safe path component.
+
+A group name wins over a task name: ``retrieval`` alone is the Flickr30k/COCO group; the testbed's
+retrieval set comes with ``testbed`` or as ``retrieval=PATH``.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from caption_mixing.paths import validate_name
 
 # Metric keys as they appear in per-task results.
 ACC1 = "acc1"
@@ -41,6 +59,7 @@ class Task:
     prompt_key: str | None = None  # key into clip_benchmark's / eval/data's classname+template JSON
     note: str = ""
     wds_aliases: tuple[str, ...] = field(default_factory=tuple)
+    folder: str | None = None  # the folder under the dataset root, instead of wds_<name> (the testbed's sets)
     local_path: str | None = None  # an ad-hoc task read from exactly this wds folder (``--extra-task``)
     source_split: str = ""  # the original dataset's split when `prepare` stores it as test/ (shown by `tasks`)
     expected_samples: int | None = None  # the paper's split size; a different count is flagged in the result
@@ -48,6 +67,8 @@ class Task:
     @property
     def wds_dirs(self) -> tuple[str, ...]:
         """clip_benchmark's local wds folder names (``wds_<name with / as ->``), preferred first."""
+        if self.folder:
+            return (self.folder, *self.wds_aliases)
         base = self.cb_name or self.name
         return (f"wds_{base.replace('/', '-')}", *self.wds_aliases)
 
@@ -157,7 +178,14 @@ DATACOMP_EXTRA_TASKS: tuple[Task, ...] = (
     _cls("clevr_distance", "CLEVR Distance", cb="vtab/clevr_closest_object_distance"),
 )
 
-REGISTRY: dict[str, Task] = {t.name: t for t in (*PAPER_TASKS, *RETRIEVAL_TASKS, *DATACOMP_EXTRA_TASKS)}
+# The embedded testbed's eval sets (testbed.EVAL_TASKS; eval imports no testbed code), read from
+# <testbed>/eval/<name>/: pass that ``eval`` folder as the dataset root.
+TESTBED_TASKS: tuple[Task, ...] = (
+    *(Task(n, n, ACC1, folder=n, note="embedded testbed") for n in ("concept", "category", "color", "count")),
+    Task("retrieval", "retrieval", MEAN_RECALL1, kind="retrieval", folder="retrieval", note="embedded testbed"),
+)
+
+REGISTRY: dict[str, Task] = {t.name: t for t in (*PAPER_TASKS, *RETRIEVAL_TASKS, *DATACOMP_EXTRA_TASKS, *TESTBED_TASKS)}
 PAPER26: tuple[str, ...] = tuple(t.name for t in PAPER_TASKS)
 
 # DataComp's aggregate groups (members by our task names). WinoGAViL has no loader in this suite, so the
@@ -186,51 +214,68 @@ TASK_SETS: dict[str, tuple[str, ...]] = {
     "paper26": PAPER26,
     "retrieval": tuple(t.name for t in RETRIEVAL_TASKS),
     "datacomp": tuple(dict.fromkeys(m for ms in DATACOMP_GROUPS.values() for m in ms if m in REGISTRY)),
+    "testbed": tuple(t.name for t in TESTBED_TASKS),
 }
 
 
-def resolve_tasks(spec: str) -> list[Task]:
-    """Expand ``paper26|retrieval|datacomp|a,b,c`` (sets may be mixed with names) into registry tasks.
+def parse_task_spec(spec: str, flag: str = "--tasks") -> list[Task]:
+    """Expand a comma list of groups, registry names and ``NAME=PATH`` items into tasks (see the module doc).
 
-    An unknown name raises with the closest registered names, so a typo never silently drops a task.
+    Errors name ``flag``: an unknown name comes with the closest registered names, so a typo never silently
+    drops a task, and an ad-hoc name that is not a safe file name is refused before anything is written.
     """
-    names: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
+    tasks: list[Task] = []
+    for item in (p.strip() for p in spec.split(",")):
+        if not item:
             continue
-        if part in TASK_SETS:
-            names.extend(TASK_SETS[part])
-        elif part in REGISTRY:
-            names.append(part)
+        if "=" in item:
+            tasks.append(_adhoc_task(item, flag))
+        elif item in TASK_SETS:
+            tasks.extend(REGISTRY[n] for n in TASK_SETS[item])
+        elif item in REGISTRY:
+            tasks.append(REGISTRY[item])
         else:
-            close = difflib.get_close_matches(part, [*REGISTRY, *TASK_SETS], n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; known sets: {', '.join(TASK_SETS)}"
-            raise ValueError(f"--tasks: unknown task {part!r}{hint} (`python -m eval tasks` lists them)")
-    if not names:
-        raise ValueError(f"--tasks {spec!r} names no task")
-    return [REGISTRY[n] for n in dict.fromkeys(names)]
+            close = difflib.get_close_matches(item, [*REGISTRY, *TASK_SETS], n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; known groups: {', '.join(TASK_SETS)}"
+            raise ValueError(f"{flag}: unknown task {item!r}{hint} (`python -m eval tasks` lists them)")
+    if not tasks:
+        raise ValueError(f"{flag} {spec!r} names no task")
+    return unique_tasks(tasks, flag)
 
 
-def local_task(spec: str) -> Task:
-    """``NAME=PATH`` -> a task outside the registry on a local wds folder (top-1, or mean R@1 for retrieval).
-
-    For suites like the embedded testbed's eval sets; registry names cannot be shadowed.
-    """
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise ValueError(f"--extra-task {spec!r}: expected NAME=PATH")
+def _adhoc_task(item: str, flag: str) -> Task:
+    """``NAME=PATH``: the registry task NAME read from PATH, or a new task (top-1 / mean R@1) on PATH."""
+    name, _, path = (s.strip() for s in item.partition("="))
+    if not name or not path:
+        raise ValueError(f"{flag}: {item!r} is not NAME=PATH")
+    validate_name(name, f"{flag} task name")
+    if name in TASK_SETS:
+        raise ValueError(f"{flag}: {name!r} is a task group ({', '.join(TASK_SETS)}); name one task per NAME=PATH")
     if name in REGISTRY:
-        raise ValueError(f"--extra-task {name!r}: the name is a registry task; choose another")
+        return replace(REGISTRY[name], local_path=path)
     type_file = Path(path) / "dataset_type.txt"
     retrieval = type_file.is_file() and type_file.read_text().strip().lower() == "retrieval"
     kind, metric = ("retrieval", MEAN_RECALL1) if retrieval else ("classification", ACC1)
-    return Task(name=name, title=name, metric=metric, kind=kind, local_path=str(path), note="extra task")
+    return Task(name=name, title=name, metric=metric, kind=kind, local_path=path, note="ad-hoc task")
 
 
-def looked_for(task: Task, dataset_root: str | Path) -> list[Path]:
+def unique_tasks(tasks: Iterable[Task], flag: str = "--tasks") -> list[Task]:
+    """``tasks`` in order without repeats; one name given with two different definitions is an error."""
+    seen: dict[str, Task] = {}
+    for t in tasks:
+        if t.name in seen and seen[t.name] != t:
+            where = [x.local_path or "the registry" for x in (seen[t.name], t)]
+            raise ValueError(f"{flag}: task {t.name!r} is given twice, read from {where[0]} and from {where[1]}")
+        seen.setdefault(t.name, t)
+    return list(seen.values())
+
+
+def looked_for(task: Task, dataset_root: str | Path | None) -> list[Path]:
     """Every path the runner checks for ``task``, in order (shown in `tasks` and in missing reports)."""
     if task.local_path:
         return [Path(task.local_path)]
+    if dataset_root is None:
+        raise ValueError(f"task {task.name!r} is looked for under a dataset root, and none was given")
     root = Path(dataset_root)
     paths = [root / d for d in task.wds_dirs]
     if task.builder and task.cb_name:
@@ -242,14 +287,19 @@ def format_registry(dataset_root: str | Path | None = None) -> str:
     """The registry as a fixed-width table: name, paper column, metric, split, where the data is looked for."""
     root = Path(dataset_root) if dataset_root else Path("$DATASET_ROOT")
     rows = [("#", "name", "column", "metric", "split", "looked for", "note")]
-    sections = [("paper26", PAPER_TASKS), ("retrieval", RETRIEVAL_TASKS), ("datacomp extras", DATACOMP_EXTRA_TASKS)]
+    sections = [
+        ("paper26", PAPER_TASKS),
+        ("retrieval", RETRIEVAL_TASKS),
+        ("datacomp extras", DATACOMP_EXTRA_TASKS),
+        ("testbed", TESTBED_TASKS),
+    ]
     lines: list[str] = []
     for title, tasks in sections:
         body = []
         for i, t in enumerate(tasks, 1):
             paths = looked_for(t, root)
             where = " | ".join(
-                str(p) + ("/" + "{" + ",".join(t.splits) + "}" if p.name.startswith("wds_") else "") for p in paths
+                str(p) + ("/" + "{" + ",".join(t.splits) + "}" if p.name in t.wds_dirs else "") for p in paths
             )
             split = f"{t.source_split} (as {t.paper_split}/)" if t.source_split else t.paper_split
             body.append((str(i), t.name, t.title, METRIC_DESCRIPTIONS[t.metric], split, where, t.note))

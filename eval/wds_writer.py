@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from caption_mixing.atomic import atomic_write, atomic_write_text
+from eval.wds_folder import CLASSNAMES_FILE, TEMPLATES_FILE
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -62,7 +63,7 @@ def write_classification_wds(
         flush()
     if n == 0:
         raise ValueError(f"no samples to write to {split_dir}")
-    atomic_write_text(out / "classnames.txt", "\n".join(classnames) + "\n")
-    atomic_write_text(out / "zeroshot_classification_templates.txt", "\n".join(templates) + "\n")
+    atomic_write_text(out / CLASSNAMES_FILE, "\n".join(classnames) + "\n")
+    atomic_write_text(out / TEMPLATES_FILE, "\n".join(templates) + "\n")
     atomic_write_text(split_dir / "nshards.txt", f"{shard}\n")
     return n

@@ -2,7 +2,7 @@
 
 python -m t2i run --p 1.0                          # embedded preset end to end (train, export, evaluate)
 python -m t2i train --preset dit-xl-2 --set train_latents=/data/lat/{00000..01242}.tar ...
-accelerate launch -m t2i train --preset dit-xl-2 ...   # multi-GPU / multi-node
+torchrun --nproc-per-node 8 -m t2i train --preset dit-xl-2 ...   # multi-GPU (accelerate launch works too)
 python -m t2i precompute --shards '/data/cc12m/{00000..01242}.tar' --vae /models/sd-vae --out /data/lat
 python -m t2i sample --pipeline runs/t2i-embedded-p1/pipeline --prompts prompts.txt --out samples/
 """
@@ -28,9 +28,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from caption_mixing.mixing import parse_p
+    from caption_mixing.paths import check_output_dir
     from t2i.config import load_config, parse_overrides
 
     try:
+        check_output_dir(args.out, "--out")
         overrides = parse_overrides(args.overrides)
         if args.p is not None:
             overrides["p"] = parse_p(args.p, "--p")
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--batch-size", type=int, default=64)
     pre.add_argument("--sidecar-dir", default=None, help="sidecar folder (default: the image shards' folder)")
     pre.add_argument("--device", default=None)
+    pre.add_argument("--allow-pickle-weights", action="store_true", help="load a VAE that has only .bin weights")
     sample = sub.add_parser("sample", help="generate images from a pipeline folder")
     sample.add_argument("--pipeline", required=True, help="diffusers pipeline folder (run_dir/pipeline)")
     sample.add_argument("--prompts", required=True, help="text file (one prompt per line), .json list or .jsonl")
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance-scale", type=float, default=4.5, help="classifier-free guidance scale")
     sample.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     sample.add_argument("--device", default=None)
+    sample.add_argument("--allow-pickle-weights", action="store_true", help="load .bin weights (no safetensors)")
     return parser
 
 
@@ -72,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         from t2i.precompute import precompute
 
         manifest = precompute(
-            args.shards, Path(args.out), args.vae, args.resolution, args.batch_size, args.sidecar_dir, args.device
+            args.shards,
+            Path(args.out),
+            args.vae,
+            args.resolution,
+            args.batch_size,
+            args.sidecar_dir,
+            args.device,
+            allow_pickle=args.allow_pickle_weights,
         )
         print(f"latents written; manifest: {manifest}")
         return 0
@@ -87,35 +98,30 @@ def main(argv: list[str] | None = None) -> int:
             args.guidance_scale,
             args.seed,
             args.device,
+            allow_pickle=args.allow_pickle_weights,
         )
         print(f"{len(paths)} images in {args.out}")
         return 0
     cfg = _load(args, parser)
     from t2i import experiment
+    from training.distributed import cleanup
 
-    if args.command == "run":
+    try:
+        if args.command == "train":  # same run folder as `run`, without the evaluation
+            done = experiment.train_point(cfg, Path(args.out), args.testbed_dir, args.force)
+            if "pipeline" in done:
+                print(json.dumps(done))
+            return 0
         metrics = experiment.run_point(cfg, Path(args.out), args.testbed_dir, args.force)
-        if "rank" in metrics:  # a rank > 0 of a multi-process run: rank 0 reports
-            return 0
-        from t2i.report import format_table
-
-        print(format_table([metrics]))
-        if "notice" in metrics:
-            print(metrics["notice"])
+    finally:
+        cleanup()
+    if "rank" in metrics:  # a rank > 0 of a multi-process run: rank 0 reports
         return 0
-    # train: same run folder as `run`, without the evaluation
-    from t2i.train import cpu_threads
-    from t2i.train import train as train_fn
+    from t2i.report import format_table
 
-    with cpu_threads(cfg):
-        dist, run_dir, res = experiment.start_run(cfg, Path(args.out), args.testbed_dir, args.force)
-        if res is None:
-            print(f"{run_dir}: finished earlier with the same config (see its metrics.json)")
-            return 0
-        ckpt = train_fn(cfg, run_dir, res.data, res.vae, res.text_encoder, res.text_encoder_model)
-        if dist.is_main_process:
-            out = experiment.export_run_pipeline(cfg, run_dir, ckpt, res)
-            print(json.dumps({"checkpoint": str(ckpt), "pipeline": str(out)}))
+    print(format_table([metrics]))
+    if "notice" in metrics:
+        print(metrics["notice"])
     return 0
 
 

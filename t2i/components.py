@@ -9,6 +9,10 @@
 
 Prompts are encoded exactly as ``PixArtAlphaPipeline.encode_prompt`` does (pad to max length,
 truncate, attention mask, last hidden state), so training sees what sampling will feed the model.
+
+Weights are loaded from safetensors only: a pickle file (``.bin``, ``.ckpt``) can run code when
+loaded, so a folder that has nothing else is refused unless the config opts in with
+``allow_pickle_weights: true``. open_clip checkpoints are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +40,33 @@ TEXT_LAYOUT = (
 )
 
 
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
 class ComponentError(ValueError):
     """A frozen component whose path or layout is wrong; the message names the path and the expected layout."""
 
 
-def load_vae(path: str | Path, device: str = "cpu") -> AutoencoderKL:
+def use_safetensors(folder: Path, what: str, allow_pickle: bool) -> bool:
+    """True when ``folder`` has safetensors weights (or none: loading then names what is missing).
+
+    A folder with only pickle weights is refused naming the folder and its files, unless
+    ``allow_pickle`` (config ``allow_pickle_weights``) says the user trusts it; then it loads them.
+    """
+    files = [p.name for p in Path(folder).iterdir() if p.is_file()] if Path(folder).is_dir() else []
+    if any(name.endswith(".safetensors") for name in files):
+        return True
+    pickled = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
+    if pickled and not allow_pickle:
+        raise ComponentError(
+            f"{what}: {folder} holds only pickle weights ({', '.join(pickled)}), which can run code when loaded; "
+            "convert them to safetensors (save_pretrained writes them), or set allow_pickle_weights: true "
+            "if you trust this folder"
+        )
+    return not pickled
+
+
+def load_vae(path: str | Path, device: str = "cpu", allow_pickle: bool = False) -> AutoencoderKL:
     """Frozen AutoencoderKL from a local folder (also accepts a pipeline folder with ``vae/``)."""
     path = Path(path)
     if (path / "vae" / "config.json").exists():
@@ -53,8 +80,9 @@ def load_vae(path: str | Path, device: str = "cpu") -> AutoencoderKL:
         raise ComponentError(f"{cfg_file}: not valid JSON ({e}); expected {VAE_LAYOUT}") from e
     if cls_name != "AutoencoderKL":
         raise ComponentError(f"vae={str(path)!r}: config.json describes {cls_name!r}; expected {VAE_LAYOUT}")
+    safe = use_safetensors(path, "vae", allow_pickle)
     try:
-        vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=safe)
     except OSError as e:
         raise ComponentError(f"vae={str(path)!r}: could not load weights ({e}); expected {VAE_LAYOUT}") from e
     return vae.to(device).eval().requires_grad_(False)
@@ -102,12 +130,22 @@ class TextEncoder:
         return hidden, mask
 
 
+def token_counter(tokenizer) -> Callable[[str], int]:
+    """Tokens a Hugging Face tokenizer makes of a text before truncation, special tokens included
+    (what ``max_sequence_length`` is compared with; used by the ``long_captions`` policies)."""
+    return lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
 def _is_hf_text_folder(path: Path) -> bool:
     return (path / "text_encoder" / "config.json").is_file() and (path / "tokenizer").is_dir()
 
 
 def load_text_encoder(
-    path: str | Path, max_length: int, device: str = "cpu", open_clip_model: str | None = None
+    path: str | Path,
+    max_length: int,
+    device: str = "cpu",
+    open_clip_model: str | None = None,
+    allow_pickle: bool = False,
 ) -> TextEncoder:
     """Frozen text encoder from a local HF folder, or from an open_clip checkpoint (converted on the fly)."""
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
@@ -130,8 +168,9 @@ def load_text_encoder(
         raise ComponentError(
             f"{path / 'text_encoder'}: architecture {arch[0]!r} is not supported; expected {TEXT_LAYOUT}"
         )
+    safe = use_safetensors(path / "text_encoder", "text_encoder", allow_pickle)
     try:
-        model = classes[arch[0]].from_pretrained(path / "text_encoder", local_files_only=True)
+        model = classes[arch[0]].from_pretrained(path / "text_encoder", local_files_only=True, use_safetensors=safe)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     except (OSError, ValueError) as e:
         raise ComponentError(f"text_encoder={str(path)!r}: could not load ({e}); expected {TEXT_LAYOUT}") from e
@@ -146,6 +185,40 @@ def load_text_encoder(
 # ------------------------------------------------------------------------------------------------
 # open_clip text tower -> transformers CLIPTextModel + CLIPTokenizer
 # ------------------------------------------------------------------------------------------------
+
+
+def check_open_clip_name(model_name: str) -> None:
+    """An unknown open_clip model name is an error that lists the close ones (``EmbeddedCLIP-Tiny`` is known)."""
+    import difflib
+
+    import open_clip
+
+    import testbed.models  # noqa: F401  (registers EmbeddedCLIP-Tiny with open_clip)
+
+    names = open_clip.list_models()
+    if model_name not in names:
+        close = difflib.get_close_matches(model_name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ComponentError(f"unknown open_clip model {model_name!r}{hint}")
+
+
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def create_open_clip(model_name: str, device: str = "cpu") -> torch.nn.Module:
+    """An open_clip model by name, randomly initialized; the caller loads its weights next (so open_clip's
+    "initialized randomly" warning, which would mislead, is filtered out)."""
+    import open_clip
+
+    check_open_clip_name(model_name)
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return open_clip.create_model(model_name, device=device)
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -178,10 +251,9 @@ def export_open_clip_text(checkpoint: str | Path, model_name: str, out: Path) ->
     """Write ``out/text_encoder`` (CLIPTextModel) + ``out/tokenizer`` from an open_clip checkpoint's text tower."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from clip_train.checkpoint import load_checkpoint
-    from clip_train.model import create_model
+    from training.checkpoint import load_checkpoint
 
-    clip, _, _, _ = create_model(model_name)
+    clip = create_open_clip(model_name)
     state = load_checkpoint(Path(checkpoint))
     sd = state.get("state_dict", state)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}

@@ -1,7 +1,9 @@
 """Text-to-image training config: a flat dataclass filled from a preset file, then from overrides.
 
-Mirrors ``clip_train.config``: presets are plain YAML in ``t2i/presets`` so two setups can be
-diffed line by line; unknown keys get the closest known names; errors name the file or flag.
+Presets are plain YAML in ``t2i/presets`` so two setups can be diffed line by line; unknown keys
+get the closest known names; errors name the file or flag. The caption-mixing fields (``p``,
+``captions``, ``mix_mode``, ``p_schedule``, ``long_captions``, ...) are ``MixingFields``, shared
+with CLIP training and resolved by ``caption_mixing.mixconfig.mixing_plan``.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from caption_mixing import presets
+from caption_mixing.mixconfig import MixingFields, validate_mixing
 from caption_mixing.presets import parse_overrides
+from training.steplog import LOGGERS
 
 __all__ = ["EMBEDDED", "T2IConfig", "list_presets", "load_config", "parse_overrides", "validate"]
 
@@ -22,7 +26,9 @@ EMBEDDED = "embedded"
 
 
 @dataclass
-class T2IConfig:
+class T2IConfig(MixingFields):
+    DERIVED_KEYS: ClassVar[dict[str, str]] = {"steps": "max_steps (or epochs)"}
+
     # --- transformer (diffusers PixArtTransformer2DModel = text-conditioned DiT) ---
     num_layers: int = 4
     hidden_size: int = 128
@@ -44,8 +50,7 @@ class T2IConfig:
     sidecar_dir: str | None = None  # synthetic-caption sidecars; default: beside the (image) shards
     holdout_shards: str | None = EMBEDDED  # held-out image shards whose captions are the eval prompts
     dataset_size: int | None = None  # samples per epoch, to turn epochs into steps (embedded: from the testbed)
-    synthetic_source: str = "altogether"
-    p: float = 1.0
+    p: float = 1.0  # share of synthetic captions (the other mixing fields: caption_mixing.mixconfig.MixingFields)
     seed: int = 0
     # --- optimisation (paper Table 11; PixArt's AdamW wd 0.03, EMA 0.9999) ---
     batch_size: int = 64  # global batch
@@ -73,7 +78,9 @@ class T2IConfig:
     checkpoint_every: int = 200
     keep_last: int = 2
     log_every: int = 10
-    device: str | None = None  # default: cuda if available, else cpu
+    device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
+    logger: str = "tensorboard"  # comma list of tensorboard, wandb; or none (train_log.jsonl is always written)
+    allow_pickle_weights: bool = False  # load .bin/.ckpt weights of vae/text_encoder when no safetensors exist
     # --- evaluation (Table 5: CLIP similarity with original and synthetic prompt) ---
     eval_prompts: int = 32  # held-out samples; each gives one alt-text and one synthetic prompt
     eval_clip_model: str = EMBEDDED  # open_clip model name, or "embedded" (the testbed CLIP)
@@ -119,12 +126,14 @@ def load_config(preset: str = EMBEDDED, overrides: dict[str, Any] | None = None)
 
 def validate(cfg: T2IConfig) -> None:
     """Fail at config time, naming the key, rather than deep inside diffusers."""
-    if not 0.0 <= cfg.p <= 1.0:
-        raise ValueError(f"p={cfg.p} is outside [0, 1]")
+    validate_mixing(cfg)
     if not 0.0 <= cfg.caption_dropout < 1.0:
         raise ValueError(f"caption_dropout={cfg.caption_dropout} is outside [0, 1)")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    unknown = {k.strip() for k in cfg.logger.split(",")} - set(LOGGERS)
+    if unknown:
+        raise ValueError(f"logger={cfg.logger!r}: unknown {sorted(unknown)}; use a comma list of {', '.join(LOGGERS)}")
     if cfg.hidden_size % cfg.num_heads:
         raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
     if cfg.latent_size % cfg.patch_size:

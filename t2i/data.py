@@ -1,8 +1,10 @@
 """Training inputs: caption-mixed image shards (encoded on the fly) or precomputed latent shards.
 
 Both start with ``caption_sample_stages`` from caption_mixing, so the caption of every sample is
-chosen by the same (seed, epoch, key) rule as in CLIP training. Latent shards keep the image
-shards' stems, so their synthetic captions come from the image shards' sidecars (``sidecar_dir``).
+chosen by the same (seed, epoch, key) rule as in CLIP training, with the same options (n-way
+mixtures, fallback order, ``mix_mode``, ``p_schedule``); captions longer than the text encoder's
+context are fitted by the same ``long_captions`` policy. Latent shards keep the image shards'
+stems, so their synthetic captions come from the image shards' sidecars (``sidecar_dir``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +21,18 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from caption_mixing.long_captions import fit_caption
 from caption_mixing.mixing import Mixture
 from caption_mixing.pipeline import (
+    DataErrors,
+    EpochBatches,
     SharedEpoch,
+    batch_samples,
     caption_sample_stages,
-    decode_image,
+    decode_images,
     shuffle_samples,
-    take_data_errors,
 )
+from caption_mixing.schedules import PSchedule
 from t2i.embedded import image_tensor_transform
 
 log = logging.getLogger(__name__)
@@ -62,12 +69,27 @@ def decode_latent(expected: tuple[int, int, int]):
     return stage
 
 
-def _to_tuple(field: str, transform=None):
+@dataclass(frozen=True)
+class CaptionFit:
+    """The ``long_captions`` policy with the text encoder's token counter and context (``head``: unchanged)."""
+
+    policy: str = "head"
+    count_tokens: Callable[[str], int] | None = None
+    max_tokens: int = 0
+    seed: int = 0
+
+    def __call__(self, caption: str, epoch: int, key: str) -> str:
+        if self.policy == "head" or self.count_tokens is None:
+            return caption
+        return fit_caption(caption, self.policy, self.count_tokens, self.max_tokens, self.seed, epoch, key)
+
+
+def _to_tuple(field: str, fit: CaptionFit, epoch: SharedEpoch, transform=None):
     def fn(sample: dict) -> tuple:
         x = sample[field]
         return (
             transform(x) if transform is not None else x,
-            sample["caption"],
+            fit(sample["caption"], epoch.get(), sample["__key__"]),
             sample["__key__"],
             sample["caption_source"],
             sample["caption_wanted"],
@@ -84,7 +106,6 @@ def collate(samples: list[tuple]) -> dict[str, Any]:
         "keys": list(keys),
         "sources": list(sources),
         "wanted": list(wanted),
-        "data_errors": take_data_errors(),
     }
 
 
@@ -100,18 +121,42 @@ def build_t2i_pipeline(
     latent_shape: tuple[int, int, int],
     shuffle_buffer: int = 1000,
     sidecar_dir: str | None = None,
-) -> wds.DataPipeline:
-    """Batches of ``x`` (images in [-1, 1] or latent moments) with the mixed caption of each sample."""
+    schedule: PSchedule | None = None,
+    num_epochs: int = 1,
+    fit: CaptionFit = CaptionFit(),
+    blank_alt: str = "fallback",
+    batches_per_epoch: int | None = None,
+) -> torch.utils.data.IterableDataset:
+    """Batches of ``x`` (images in [-1, 1] or latent moments) with the mixed caption of each sample.
+
+    ``schedule`` sets p per epoch (``num_epochs`` is the run's length in epochs); ``fit`` shortens
+    captions longer than the text context; ``blank_alt`` is the rule for blank alt-text;
+    ``batches_per_epoch`` fixes an epoch's length per worker. Items follow caption_mixing's trainer
+    contract: every batch carries ``data_errors``, and counts left after a worker's last batch come
+    in an errors-only item (``caption_mixing.pipeline.iter_batches`` handles both).
+    """
+    errors = DataErrors()
     stages = caption_sample_stages(
-        shards, mixture=mixture, seed=seed, epoch=epoch, sidecar_dir=sidecar_dir, shuffle=shuffle_buffer > 0
+        shards,
+        mixture=mixture,
+        seed=seed,
+        epoch=epoch,
+        sidecar_dir=sidecar_dir,
+        shuffle=shuffle_buffer > 0,
+        schedule=schedule,
+        num_epochs=num_epochs,
+        blank_alt=blank_alt,
+        errors=errors,
     )
     stages.append(shuffle_samples(shuffle_buffer, seed, epoch))
     if latents:
-        stages += [decode_latent(latent_shape), wds.map(_to_tuple("moments"))]
+        stages += [decode_latent(latent_shape), wds.map(_to_tuple("moments", fit, epoch))]
     else:
-        stages += [decode_image, wds.map(_to_tuple("image", image_tensor_transform(resolution)))]
-    stages.append(wds.batched(batch_size, collation_fn=collate, partial=False))
-    return wds.DataPipeline(*stages)
+        transform = image_tensor_transform(resolution)
+        stages += [decode_images(errors), wds.map(_to_tuple("image", fit, epoch, transform))]
+    stages.append(batch_samples(batch_size, collate, partial=False, errors=errors))
+    pipeline = wds.DataPipeline(*stages)
+    return EpochBatches(pipeline, batches_per_epoch) if batches_per_epoch else pipeline
 
 
 def latents_sidecar_dir(pattern: str) -> str | None:

@@ -1,8 +1,10 @@
 """Small frozen components the suite builds itself for the embedded preset (nothing is downloaded).
 
 * a tiny ``AutoencoderKL`` (SD layout, factor 4) trained briefly on the testbed images;
-* a CLIP trained on the testbed with ``clip_train`` (its text tower is the text encoder, exported
-  as a ``CLIPTextModel`` folder; the whole model is the default scoring CLIP).
+* a CLIP trained on the testbed by running ``python -m clip_train`` in a child process (its text
+  tower is the text encoder, exported as a ``CLIPTextModel`` folder; the whole model is the
+  default scoring CLIP). Running the CLIP application as a user would keeps the two applications
+  free of imports of each other.
 
 They go through the same loaders as real components (``load_vae``, ``load_text_encoder``), and are
 cached next to the testbed by a hash of what determines them, so a sweep builds them once.
@@ -16,6 +18,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +32,27 @@ from tqdm import tqdm
 from caption_mixing.atomic import atomic_write_json
 from caption_mixing.shards import expand_shards
 from t2i.config import T2IConfig
+from testbed.models import EMBEDDED_CLIP_MODEL
 
-EMBEDDED_CLIP_MODEL = "EmbeddedCLIP-Tiny"
 DONE = "components.json"
+CLIP_PRESET = "embedded"  # clip_train's preset for the embedded CLIP; embedded_clip_overrides() sets the rest
+# Where this job sits in a multi-process launch: not handed to the one-process child (it would wait for peers).
+LAUNCH_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+)
 
 
 @dataclass(frozen=True)
@@ -133,10 +155,61 @@ def train_tiny_vae(out: Path, shards: list[str], cfg: T2IConfig, batch: int = 32
     return out
 
 
+def embedded_clip_overrides(cfg: T2IConfig, shards: list[str]) -> dict[str, object]:
+    """``--set`` values of the embedded CLIP run (on top of clip_train's ``embedded`` preset)."""
+    return {
+        "p": cfg.embedded_clip_p,
+        "samples_seen": cfg.embedded_clip_samples,
+        "batch_size": 64,
+        "seed": cfg.seed,
+        "train_shards": "::".join(shards),
+    }
+
+
+class ClipTrainError(RuntimeError):
+    """``python -m clip_train`` failed or left no checkpoint; the message has the command and exit code."""
+
+
+def clip_train_command(out: Path, testbed_dir: Path, overrides: dict[str, object]) -> list[str]:
+    """argv of the child: this interpreter, ``-m clip_train``, every value a JSON (thus YAML) scalar."""
+    argv = [sys.executable, "-m", "clip_train", "--preset", CLIP_PRESET, "--out", str(out)]
+    argv += ["--testbed-dir", str(testbed_dir)]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    return argv
+
+
+def run_clip_train(argv: list[str]) -> None:
+    """Run ``argv`` as one process (no shell), its output streaming to ours; a failure names its exit code.
+
+    The child imports the ``clip_train`` that sits beside this ``t2i`` (a source checkout or an
+    install), and gets none of this job's launcher variables, so it never joins this job's process group.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    here = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+    shown = " ".join(argv[1:])
+    print(f"t2i embedded components: running {shown}", flush=True)
+    sys.stderr.flush()
+    code = subprocess.run(argv, env=env, check=False).returncode
+    if code != 0:
+        raise ClipTrainError(f"embedded CLIP training `python {shown}` exited with code {code} (its output is above)")
+
+
+def train_embedded_clip(out: Path, cfg: T2IConfig, testbed, shards: list[str]) -> Path:
+    """Train the embedded CLIP into ``out`` with ``python -m clip_train``; return its final checkpoint."""
+    run_clip_train(clip_train_command(out, Path(testbed.root), embedded_clip_overrides(cfg, shards)))
+    runs = sorted(Path(out).glob("*/metrics.json"))
+    if len(runs) != 1:
+        raise ClipTrainError(f"embedded CLIP training: expected one run folder with metrics.json in {out}: {runs}")
+    ckpt = runs[0].parent / json.loads(runs[0].read_text())["checkpoint"]
+    if not ckpt.is_file():
+        raise ClipTrainError(f"embedded CLIP training: {runs[0]} names checkpoint {ckpt}, which does not exist")
+    return ckpt
+
+
 def ensure_embedded_components(cfg: T2IConfig, testbed) -> EmbeddedComponents:
     """Build (or reuse) the embedded VAE and CLIP for this testbed and config."""
-    from clip_train.config import load_config as clip_config
-    from clip_train.train import train as clip_train
     from t2i.components import export_open_clip_text
 
     root = Path(testbed.root).parent / f"t2i-embedded-{testbed.fingerprint}-{_key(cfg, testbed.fingerprint)}"
@@ -152,11 +225,7 @@ def ensure_embedded_components(cfg: T2IConfig, testbed) -> EmbeddedComponents:
     tmp.mkdir(parents=True)
     train_shards, _ = embedded_split(testbed.train_shards)
     t0 = time.perf_counter()
-    ccfg = clip_config(
-        "embedded",
-        {"p": cfg.embedded_clip_p, "samples_seen": cfg.embedded_clip_samples, "batch_size": 64, "seed": cfg.seed},
-    )
-    ckpt = clip_train(ccfg, tmp / "clip_run", train_shards)
+    ckpt = train_embedded_clip(tmp / "clip_run", cfg, testbed, train_shards)
     shutil.copyfile(ckpt, tmp / comps.clip_checkpoint.name)
     export_open_clip_text(tmp / comps.clip_checkpoint.name, EMBEDDED_CLIP_MODEL, tmp / comps.text_encoder.name)
     t1 = time.perf_counter()

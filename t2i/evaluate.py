@@ -43,39 +43,54 @@ class OpenClipForCLIPScore(torch.nn.Module):
 
 
 class OpenClipProcessor:
-    """The processor half: uint8 CHW tensors -> open_clip eval transform; text -> open_clip tokens.
-
-    Counts prompts longer than the text context (open_clip truncates them, keeping the end token).
-    """
+    """The processor half: uint8 CHW tensors -> open_clip eval transform; text -> open_clip tokens."""
 
     def __init__(self, preprocess, tokenizer) -> None:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.context = getattr(tokenizer, "context_length", 77)
-        self.truncated = 0
+
+    def count_truncated(self, prompts: list[str]) -> int:
+        """Prompts longer than the text context (open_clip truncates them, keeping the end token).
+
+        Counted once per prompt list, not per call: scoring calls the processor several times
+        for the same prompts (mean score, per-image scores, reference images).
+        """
+        raw = getattr(self.tokenizer, "encode", None)
+        return 0 if raw is None else sum(len(raw(t)) + 2 > self.context for t in prompts)
 
     def __call__(self, text=None, images=None, return_tensors: str = "pt", padding: bool = True) -> dict:
         if images is not None:
             pils = [Image.fromarray(img.permute(1, 2, 0).to(torch.uint8).numpy()) for img in images]
             return {"pixel_values": torch.stack([self.preprocess(p) for p in pils])}
         ids = self.tokenizer(list(text))
-        raw = getattr(self.tokenizer, "encode", None)
-        if raw is not None:
-            self.truncated += sum(len(raw(t)) + 2 > self.context for t in text)
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
 
 def load_open_clip(model_name: str, checkpoint: str | None, device: str = "cpu"):
-    """(model, eval transform, tokenizer) from a local checkpoint; nothing is downloaded."""
-    from clip_train.model import create_model
+    """(model, eval transform, tokenizer) from a local checkpoint; nothing is downloaded.
+
+    The checkpoint is read with ``weights_only=True``; one of another architecture, or a file that
+    is not a checkpoint, raises an error naming it.
+    """
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from t2i.components import create_open_clip
+    from training.checkpoint import load_checkpoint, load_model_state
 
     if not checkpoint or not Path(checkpoint).is_file():
         raise FileNotFoundError(
             f"eval_clip_checkpoint={checkpoint!r}: a local open_clip checkpoint file is required for "
             f"eval_clip_model={model_name!r} (nothing is fetched from a hub)"
         )
-    model, _, preprocess, tokenizer = create_model(model_name, device=device, pretrained=str(checkpoint))
-    return model.eval(), preprocess, tokenizer
+    model = create_open_clip(model_name, device)
+    state = load_checkpoint(Path(checkpoint))
+    if "state_dict" not in state:  # a bare state dict (open_clip's released .pt files)
+        state = {"state_dict": state}
+    load_model_state(model, state, model_name, Path(checkpoint))
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
 class ClipJudge:

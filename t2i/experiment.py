@@ -1,29 +1,31 @@
-"""One point of a text-to-image ratio sweep: resolve data and components, train, export, evaluate.
+"""One point of a text-to-image ratio sweep: what ``training.point.run_point`` needs from this application.
 
-The run folder is the unit of reproducibility and idempotency (as in ``clip_train.experiment``):
-resolved config with its hash, provenance, checkpoints, training log, the exported pipeline,
-samples, a grid and ``metrics.json``. A folder whose metrics exist for the same config is reused;
-one made by a different config is refused unless forced.
+``T2IApp`` resolves data and frozen components (building the embedded ones on the testbed),
+checks the evaluation inputs before training, trains with ``t2i.train.train``, exports the EMA
+model as a diffusers pipeline and scores generated images (Table 5). The run folder
+(config hash, provenance, reuse or refusal, ``metrics.json``) is ``training``'s.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from accelerate import PartialState
 
-from caption_mixing.atomic import atomic_write_json, atomic_write_text
-from caption_mixing.provenance import write_run_metadata
+from caption_mixing.atomic import atomic_write_text
 from caption_mixing.shards import expand_shards
-from clip_train.experiment import RunConflictError, check_run_dir  # noqa: F401  (re-exported)
 from t2i.config import EMBEDDED, T2IConfig
-from t2i.train import DataSpec, cpu_threads, ema_transformer, resolve_device, train
+from t2i.train import DataSpec, ema_transformer, train
+from training import point, rundir
+from training.checkpoint import load_checkpoint
+from training.device import cpu_threads, resolve_device
+from training.distributed import barrier, init_distributed
+from training.rundir import DONE, check_run_dir, write_run_metadata
 
-TESTBED_NOTICE = "Embedded synthetic testbed: numbers exercise the suite and are not paper results."
+__all__ = ["T2IApp", "resolve", "run_dir_for", "run_point", "train_point"]
 
 
 @dataclass
@@ -50,7 +52,7 @@ def resolve(cfg: T2IConfig, testbed_dir: str | None = None) -> Resolved:
     ]
     testbed = comps = None
     if embedded:
-        from caption_mixing.testbed import Testbed, ensure_testbed
+        from testbed import Testbed, ensure_testbed
 
         if testbed_dir and (Path(testbed_dir) / "testbed.json").exists():
             testbed = Testbed.load(testbed_dir)
@@ -93,7 +95,25 @@ def resolve(cfg: T2IConfig, testbed_dir: str | None = None) -> Resolved:
 
 
 def run_dir_for(out: Path, cfg: T2IConfig) -> Path:
-    return Path(out) / f"t2i-{Path(cfg.preset or 'custom').stem}-p{cfg.p:g}"
+    """``OUT/t2i-<preset>-p<p>`` (the sweep calls it through its task registry)."""
+    return rundir.run_dir_for(out, "t2i", cfg.preset, cfg.p)
+
+
+def preflight(cfg: T2IConfig, res: Resolved) -> None:
+    """Evaluation inputs checked before the first step: the judge's model and checkpoint, FID weights,
+    and a held-out sample with both an alt-text and a synthetic caption."""
+    from t2i.components import check_open_clip_name
+    from t2i.evaluate import holdout_prompts
+
+    check_open_clip_name(res.clip_model)
+    if not res.clip_checkpoint or not Path(res.clip_checkpoint).is_file():
+        raise FileNotFoundError(
+            f"eval_clip_checkpoint={res.clip_checkpoint!r}: a local open_clip checkpoint file is required for "
+            f"eval_clip_model={res.clip_model!r} (checked before training)"
+        )
+    if cfg.fid_inception_weights and not Path(cfg.fid_inception_weights).is_file():
+        raise FileNotFoundError(f"fid_inception_weights={cfg.fid_inception_weights!r}: no such file")
+    holdout_prompts(res.holdout, cfg.synthetic_source, 1, res.holdout_sidecar_dir)
 
 
 def export_run_pipeline(cfg: T2IConfig, run_dir: Path, ckpt: Path, res: Resolved) -> Path:
@@ -101,8 +121,9 @@ def export_run_pipeline(cfg: T2IConfig, run_dir: Path, ckpt: Path, res: Resolved
     from t2i.components import load_text_encoder, load_vae
     from t2i.sample import export_pipeline
 
-    text = load_text_encoder(res.text_encoder, cfg.max_sequence_length, "cpu", res.text_encoder_model)
-    vae = load_vae(res.vae)
+    allow = cfg.allow_pickle_weights
+    text = load_text_encoder(res.text_encoder, cfg.max_sequence_length, "cpu", res.text_encoder_model, allow)
+    vae = load_vae(res.vae, allow_pickle=allow)
     transformer = ema_transformer(cfg, ckpt, text.width)
     return export_pipeline(run_dir / "pipeline", cfg, transformer, vae, text)
 
@@ -131,7 +152,7 @@ def evaluate_pipeline(cfg: T2IConfig, run_dir: Path, pipeline_dir: Path, res: Re
     from t2i.evaluate import ClipJudge, fid_score, holdout_prompts, load_open_clip
     from t2i.sample import generate, image_grid, load_pipeline
 
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     items = holdout_prompts(res.holdout, cfg.synthetic_source, cfg.eval_prompts, res.holdout_sidecar_dir)
     pipe, meta = load_pipeline(pipeline_dir, device)
     max_len = int(meta["max_sequence_length"])
@@ -167,7 +188,10 @@ def evaluate_pipeline(cfg: T2IConfig, run_dir: Path, pipeline_dir: Path, res: Re
         "eval_prompts": len(items),
         "eval_clip_model": res.clip_model,
         "eval_clip_checkpoint": res.clip_checkpoint,
-        "truncated_prompts": {"generator": gen_truncated, "judge": judge.processor.truncated},
+        "truncated_prompts": {
+            "generator": gen_truncated,
+            "judge": {col: judge.processor.count_truncated([it[col] for it in items]) for col in ("alt", "synthetic")},
+        },
         "grid": str((run_dir / "grid.png").resolve()),
         "sample_steps": cfg.sample_steps,
         "guidance_scale": cfg.guidance_scale,
@@ -179,75 +203,59 @@ def evaluate_pipeline(cfg: T2IConfig, run_dir: Path, pipeline_dir: Path, res: Re
     return metrics
 
 
+class T2IApp:
+    """The text-to-image application's hooks for ``training.point.run_point`` (see ``training.point.PointApp``)."""
+
+    def run_dir(self, out: Path, cfg: T2IConfig) -> Path:
+        return run_dir_for(out, cfg)
+
+    def resolve(self, cfg: T2IConfig, testbed_dir: str | None) -> Resolved:
+        return resolve(cfg, testbed_dir)
+
+    def preflight(self, cfg: T2IConfig, res: Resolved) -> None:
+        preflight(cfg, res)
+
+    def train(self, cfg: T2IConfig, run_dir: Path, res: Resolved) -> Path:
+        return train(cfg, run_dir, res.data, res.vae, res.text_encoder, res.text_encoder_model)
+
+    def evaluate(self, cfg: T2IConfig, run_dir: Path, ckpt: Path, res: Resolved) -> dict[str, Any]:
+        """Export the EMA pipeline, generate from held-out prompts and score the images."""
+        pipeline_dir = export_run_pipeline(cfg, run_dir, ckpt, res)
+        metrics = evaluate_pipeline(cfg, run_dir, pipeline_dir, res)
+        metrics.update(
+            synthetic_source=cfg.synthetic_source,
+            run_dir=str(run_dir.resolve()),
+            pipeline=str(pipeline_dir.relative_to(run_dir)),
+            train_truncated_prompts=load_checkpoint(ckpt).get("truncated_prompts", 0),
+        )
+        return metrics
+
+
 def run_point(cfg: T2IConfig, out: Path, testbed_dir: str | None = None, force: bool = False) -> dict:
-    """Train, export and evaluate one p; return the metrics dict (also written to ``metrics.json``)."""
-    with cpu_threads(cfg):
-        return _run_point(cfg, out, testbed_dir, force)
+    """Train, export and evaluate one p; return the metrics dict (also written to ``metrics.json``).
 
-
-def start_run(
-    cfg: T2IConfig, out: Path, testbed_dir: str | None, force: bool
-) -> tuple[PartialState, Path, Resolved | None]:
-    """Every rank: check the run folder, resolve data and components, and let rank 0 write the config
-    and provenance. Rank 0 resolves first, so it alone builds the embedded testbed and components and
-    the other ranks reuse them. ``Resolved`` is None when the folder finished earlier with this config.
+    Under torchrun/srun/accelerate launch every rank calls it: all ranks train, rank 0 evaluates.
     """
-    dist = PartialState(cpu=resolve_device(cfg) == "cpu")
-    run_dir = run_dir_for(out, cfg)
-    state = check_run_dir(run_dir, cfg, force)
-    dist.wait_for_everyone()  # every rank has read the folder's state before rank 0 writes to it
-    if state == "done":
-        return dist, run_dir, None
-    with dist.main_process_first():
-        res = resolve(cfg, testbed_dir)
-    if dist.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
-    dist.wait_for_everyone()
-    return dist, run_dir, res
+    return point.run_point(T2IApp(), cfg, Path(out), testbed_dir=testbed_dir, force=force)
 
 
-def _run_point(cfg: T2IConfig, out: Path, testbed_dir: str | None, force: bool) -> dict:
-    # Under accelerate/torchrun/Slurm every rank calls this: all ranks train, rank 0 alone evaluates.
-    t0 = time.perf_counter()
-    dist, run_dir, res = start_run(cfg, out, testbed_dir, force)
-    if res is None:
-        print(f"{run_dir}: finished earlier with the same config; reusing its metrics.json")
-        return json.loads((run_dir / "metrics.json").read_text())
-    prep_s = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    ckpt = train(cfg, run_dir, res.data, res.vae, res.text_encoder, res.text_encoder_model)
-    train_s = time.perf_counter() - t1
-    if not dist.is_main_process:
-        return {"rank": dist.process_index, "steps": cfg.steps_for(res.data.dataset_size)}
-    t2 = time.perf_counter()
-    pipeline_dir = export_run_pipeline(cfg, run_dir, ckpt, res)
-    metrics = evaluate_pipeline(cfg, run_dir, pipeline_dir, res)
-    eval_s = time.perf_counter() - t2
-
-    from clip_train.checkpoint import load_checkpoint
-
-    train_state = load_checkpoint(ckpt)
-    metrics.update(
-        p=cfg.p,
-        label=f"p={cfg.p:g}",
-        synthetic_source=cfg.synthetic_source,
-        run_dir=str(run_dir.resolve()),
-        pipeline=str(pipeline_dir.relative_to(run_dir)),
-        checkpoint=str(ckpt.relative_to(run_dir)),
-        steps=train_state["step"],
-        mixing=train_state["mixing"],
-        train_truncated_prompts=train_state["truncated_prompts"],
-        data_errors=train_state["data_errors"],
-        prepare_seconds=round(prep_s, 1),
-        train_seconds=round(train_s, 1),
-        eval_seconds=round(eval_s, 1),
-        device=resolve_device(cfg),
-        world_size=dist.num_processes,
-        torch_threads=torch.get_num_threads(),
-    )
-    if res.uses_testbed:
-        metrics["notice"] = TESTBED_NOTICE
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    return metrics
+def train_point(cfg: T2IConfig, out: Path, testbed_dir: str | None = None, force: bool = False) -> dict:
+    """``python -m t2i train``: the same run folder as ``run_point`` (checked, resolved, resumed),
+    trained and exported, without evaluating (no ``metrics.json``, so a later ``run`` evaluates it)."""
+    app = T2IApp()
+    env = init_distributed(cfg.device)
+    with cpu_threads(env.device, cfg.workers):
+        run_dir = app.run_dir(Path(out), cfg)
+        if check_run_dir(run_dir, cfg.to_dict(), force) == DONE:
+            print(f"{run_dir}: finished earlier with the same config (see its metrics.json)")
+            return {"run_dir": str(run_dir)}
+        barrier(env)  # every rank has read the folder's state before rank 0 writes to it
+        res = point.main_first(env, lambda: app.resolve(cfg, testbed_dir))
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_metadata(run_dir, cfg.to_dict(), cfg.seed)
+        barrier(env)
+        ckpt = app.train(cfg, run_dir, res)
+        if not env.is_main:
+            return {"rank": env.rank, "checkpoint": str(ckpt)}
+        return {"checkpoint": str(ckpt), "pipeline": str(export_run_pipeline(cfg, run_dir, ckpt, res))}

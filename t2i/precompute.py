@@ -21,11 +21,12 @@ import webdataset as wds
 from tqdm import tqdm
 
 from caption_mixing.atomic import atomic_write, atomic_write_json
-from caption_mixing.pipeline import decode_image, decode_text, log_and_continue
+from caption_mixing.pipeline import DataErrors, decode_images, decode_text, read_shards
 from caption_mixing.shards import expand_shards
 from t2i.components import load_vae
 from t2i.data import LATENT_MEMBER, LATENTS_MANIFEST
 from t2i.embedded import image_tensor_transform
+from training.device import resolve_device
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -42,12 +43,14 @@ def _npy(arr: np.ndarray) -> bytes:
 
 
 @torch.no_grad()
-def precompute_shard(url: str, out_path: Path, vae, resolution: int, batch_size: int, device: str) -> int:
-    """Encode one shard; returns the number of samples written."""
+def precompute_shard(
+    url: str, out_path: Path, vae, resolution: int, batch_size: int, device: str, errors: DataErrors | None = None
+) -> int:
+    """Encode one shard; returns the number of samples written. Damaged tars, corrupt images and
+    non-UTF-8 alt-text are logged and counted in ``errors`` (the rest of the shard is encoded)."""
+    errors = DataErrors() if errors is None else errors
     tf = image_tensor_transform(resolution)
-    samples = wds.DataPipeline(
-        wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=log_and_continue), decode_image
-    )
+    samples = wds.DataPipeline(wds.SimpleShardList([url]), read_shards(errors), decode_images(errors))
     members: list[tuple[str, bytes, bytes]] = []
     buf: list[tuple[str, torch.Tensor, bytes, bytes]] = []
 
@@ -59,7 +62,7 @@ def precompute_shard(url: str, out_path: Path, vae, resolution: int, batch_size:
         buf.clear()
 
     for s in samples:
-        txt = decode_text(s.get("txt"), url, s["__key__"]).encode("utf-8")
+        txt = decode_text(s.get("txt"), url, s["__key__"], errors).encode("utf-8")
         buf.append((s["__key__"], tf(s["image"]), txt, s.get("json") or b"{}"))
         if len(buf) == batch_size:
             flush()
@@ -85,22 +88,23 @@ def precompute(
     batch_size: int = 64,
     sidecar_dir: str | None = None,
     device: str | None = None,
+    allow_pickle: bool = False,
 ) -> Path:
     """Encode every shard of ``shards`` into ``out``; write ``out/latents.json``; return it."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     urls = expand_shards(shards)
     folders = {str(Path(u).parent) for u in urls}
     if sidecar_dir is None and len(folders) > 1:
         raise ValueError(f"--shards spans several folders {sorted(folders)}: pass --sidecar-dir")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vae = load_vae(vae_path, device)
-    total, shape = 0, None
+    vae = load_vae(vae_path, device, allow_pickle)
+    total, shape, errors = 0, None, DataErrors()
     for url in tqdm(urls, desc="precompute", unit="shard", dynamic_ncols=True):
         dest = out / Path(url).name
         if dest.exists():
             continue
-        total += precompute_shard(url, dest, vae, resolution, batch_size, device)
+        total += precompute_shard(url, dest, vae, resolution, batch_size, device, errors)
     with tarfile.open(out / Path(urls[0]).name) as tar:
         first = next(m for m in tar.getmembers() if m.name.endswith(LATENT_MEMBER))
         shape = list(np.load(io.BytesIO(tar.extractfile(first).read()), allow_pickle=False).shape)
@@ -114,6 +118,7 @@ def precompute(
         "moments_shape": shape,
         "num_shards": len(urls),
         "samples_written_this_run": total,
+        "data_errors_this_run": dict(errors),
     }
     return atomic_write_json(out / LATENTS_MANIFEST, manifest)
 

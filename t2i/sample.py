@@ -21,6 +21,7 @@ from caption_mixing.atomic import atomic_write_json
 from t2i.components import TextEncoder
 from t2i.config import T2IConfig
 from t2i.model import sample_scheduler
+from training.device import resolve_device
 
 PIPELINE_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 META = "t2i.json"
@@ -82,12 +83,17 @@ def check_pipeline_folder(folder: Path) -> dict:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-def load_pipeline(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(pipeline, metadata): loads offline through DiffusionPipeline.from_pretrained."""
+def load_pipeline(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+    """(pipeline, metadata): loads offline through DiffusionPipeline.from_pretrained, from safetensors
+    unless ``allow_pickle`` (a component folder with only pickle weights is refused, naming it)."""
     from diffusers import DiffusionPipeline
 
+    from t2i.components import use_safetensors
+
     meta = check_pipeline_folder(folder)
-    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    weighted = ("transformer", "vae", "text_encoder")
+    safe = all([use_safetensors(Path(folder) / name, f"--pipeline {name}", allow_pickle) for name in weighted])
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype, use_safetensors=safe)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), meta
 
@@ -160,11 +166,12 @@ def sample_to_folder(
     guidance_scale: float,
     seed: int,
     device: str | None = None,
+    allow_pickle: bool = False,
 ) -> list[Path]:
     """The ``sample`` command: PNGs ``{i:05d}.png`` + ``prompts.jsonl`` + ``grid.png`` in ``out``."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     prompts = read_prompts(prompts_file)
-    pipe, meta = load_pipeline(pipeline, device)
+    pipe, meta = load_pipeline(pipeline, device, allow_pickle=allow_pickle)
     max_len = int(meta.get("max_sequence_length", pipe.tokenizer.model_max_length))
     n_trunc = sum(len(pipe.tokenizer(p).input_ids) > max_len for p in prompts)
     if n_trunc:

@@ -1,85 +1,56 @@
-"""Text-to-image DiT training on caption-mixed data: one readable loop (in the spirit of DiT's train.py).
+"""Text-to-image DiT training on caption-mixed data: one loop you can read top to bottom, as DiT's train.py.
 
-accelerate handles devices, bf16 autocast, gradient accumulation and multi-GPU/multi-node
-(launch with ``accelerate launch -m t2i train ...``); every rank reads its own shards through
-webdataset's split_by_node, and the caption of a sample depends on (seed, epoch, key) only.
-A run folder holds ``checkpoints/``, ``train_log.jsonl`` and, at the end, ``pipeline/`` (a diffusers
-PixArtAlphaPipeline folder with the EMA weights). Started again on the same folder, training
-resumes from the last checkpoint at the same data position and ends at the same step count; a
-stop signal (Slurm's pre-timeout USR2, TERM) writes a checkpoint at that step and raises ``Preempted``.
+The shared runtime (``training``) supplies the process group (torchrun, srun and ``accelerate
+launch`` export the same variables), checkpoints, the resume state, the NaN/stop guard and the step
+log; accelerate supplies bf16 autocast, gradient accumulation and the DDP wrapper. Every rank reads
+its own shards through webdataset's split_by_node, and the caption of a sample depends on
+(seed, epoch, key) only. A run folder holds ``checkpoints/``, ``train_log.jsonl``, ``tensorboard/``
+and, after export, ``pipeline/`` (a diffusers PixArtAlphaPipeline folder with the EMA weights).
+Started again on the same folder, training resumes from the newest readable checkpoint at the same
+data position and ends at the same step count; a stop signal (Slurm's pre-timeout USR2, TERM)
+writes a checkpoint at that step and raises ``Preempted``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import logging
 import math
-import os
 import time
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from tqdm import tqdm
 
-from caption_mixing.atomic import atomic_write_text
-from caption_mixing.mixing import MixStats, Mixture, unit_hash
+from caption_mixing.mixconfig import mixing_plan
+from caption_mixing.mixing import unit_hash
 from caption_mixing.pipeline import SharedEpoch, make_loader
 from caption_mixing.shards import expand_shards
-from clip_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from clip_train.distributed import DistEnv, any_flag, sum_counters
-from clip_train.preemption import Preempted, PreemptionFlag
-from t2i.components import TextEncoder, load_text_encoder, load_vae
+from t2i.components import load_text_encoder, load_vae, token_counter
 from t2i.config import T2IConfig
-from t2i.data import build_t2i_pipeline
+from t2i.data import CaptionFit, build_t2i_pipeline
 from t2i.model import build_transformer, train_scheduler
+from training.checkpoint import checkpoint_path, load_checkpoint, load_latest, save_checkpoint
+from training.device import cpu_threads
+from training.distributed import DistEnv, init_distributed
+from training.guard import NonFiniteLossError, check_step
+from training.preemption import Preempted, PreemptionFlag
+from training.state import TrainState, mix_stats, nest_counts
+from training.steplog import StepLogger
 
-log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
+__all__ = ["DataSpec", "NonFiniteLossError", "Preempted", "ema_transformer", "train"]
 
 
 @dataclass
 class DataSpec:
-    """Where training data comes from, resolved from the config (see experiment.resolve_data)."""
+    """Where training data comes from, resolved from the config (see experiment.resolve)."""
 
     shards: str | list[str]
     latents: bool
     sidecar_dir: str | None
     dataset_size: int | None
-
-
-def resolve_device(cfg: T2IConfig) -> str:
-    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@contextmanager
-def cpu_threads(cfg: T2IConfig) -> Iterator[int]:
-    """On CPU, leave one core per DataLoader worker: intra-op threads + workers <= cores.
-
-    torch defaults to one thread per core; with loader workers beside them, OpenMP threads wait on
-    each other (measured on 2 cores with 1 worker: clip_train steps 4x slower with 2 threads than
-    with 1). An explicit OMP_NUM_THREADS is respected.
-    """
-    old = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    want = max(1, cores - cfg.workers)
-    limit = resolve_device(cfg) == "cpu" and "OMP_NUM_THREADS" not in os.environ and want < old
-    if limit:
-        torch.set_num_threads(want)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        if limit:
-            torch.set_num_threads(old)
 
 
 class EMA:
@@ -100,6 +71,62 @@ class EMA:
     def copy_to(self, model: torch.nn.Module) -> torch.nn.Module:
         model.load_state_dict(self.shadow)
         return model
+
+
+@dataclass
+class Learner:
+    """What an optimizer step changes and a checkpoint saves: the DiT, its EMA, AdamW, the warm-up."""
+
+    model: torch.nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LambdaLR
+
+    @classmethod
+    def build(cls, cfg: T2IConfig, caption_channels: int, device: str) -> Learner:
+        model = build_transformer(cfg, caption_channels).to(device)
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        ema = EMA(model, cfg.ema_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, cfg.warmup_steps))
+        return cls(model, ema, optimizer, lr_sched)
+
+    def load(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["state_dict"])
+        self.ema.shadow = {k: v.float() for k, v in saved["ema"].items()}
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.lr_sched.load_state_dict(saved["lr_scheduler"])
+
+    def state_dict(self, accelerator: Accelerator) -> dict:
+        return {
+            "state_dict": accelerator.unwrap_model(self.model).state_dict(),
+            "ema": self.ema.shadow,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_sched.state_dict(),
+        }
+
+
+def make_accelerator(cfg: T2IConfig, env: DistEnv) -> Accelerator:
+    """bf16 autocast, gradient accumulation and DDP; under torchrun/srun/accelerate launch it uses the
+    process group ``init_distributed`` joined (accelerate does not initialize a second one)."""
+    return Accelerator(
+        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=env.device == "cpu",
+    )
+
+
+def micro_batch_size(cfg: T2IConfig, world: int) -> int:
+    """Samples per rank and micro-batch: the global batch split over ranks and accumulation steps."""
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    if micro < 1 or micro * world * cfg.grad_accum != cfg.batch_size:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is not divisible by {world} processes x grad_accum={cfg.grad_accum}"
+        )
+    return micro
 
 
 def micro_batches_per_epoch(cfg: T2IConfig, data: DataSpec, world: int) -> int | None:
@@ -127,6 +154,52 @@ def micro_batches_per_epoch(cfg: T2IConfig, data: DataSpec, world: int) -> int |
             "lower --set workers, or split the data into more shards"
         )
     return n // cfg.batch_size * cfg.grad_accum
+
+
+def run_epochs(cfg: T2IConfig, data: DataSpec, steps: int, micro_per_epoch: int | None) -> int:
+    """Epochs the run spans: ``p_schedule`` progress is epoch / run_epochs."""
+    if micro_per_epoch:
+        return math.ceil(steps * cfg.grad_accum / micro_per_epoch)
+    n = cfg.dataset_size or data.dataset_size
+    if n:
+        return max(1, math.ceil(steps * cfg.batch_size / n))
+    if cfg.p_schedule is not None:
+        raise ValueError(f"p_schedule={cfg.p_schedule!r} needs the epoch length: pass --set dataset_size=N")
+    return 1
+
+
+def training_loader(
+    cfg: T2IConfig,
+    data: DataSpec,
+    epoch: SharedEpoch,
+    micro_batch: int,
+    num_epochs: int,
+    micro_per_epoch: int | None,
+    tokenizer,
+) -> torch.utils.data.DataLoader:
+    """This rank's caption-mixed micro-batches, with every mixing option of the config (``mixing_plan``);
+    ``tokenizer`` (the text encoder's) measures captions for the ``long_captions`` policy."""
+    plan = mixing_plan(cfg)
+    fit = CaptionFit(plan.long_captions, token_counter(tokenizer), cfg.max_sequence_length, cfg.seed)
+    pipeline = build_t2i_pipeline(
+        data.shards,
+        latents=data.latents,
+        mixture=plan.mixture,
+        seed=cfg.seed,
+        epoch=epoch,
+        batch_size=micro_batch,
+        resolution=cfg.resolution,
+        latent_shape=(2 * cfg.latent_channels, cfg.latent_size, cfg.latent_size),
+        shuffle_buffer=cfg.shuffle_buffer,
+        sidecar_dir=data.sidecar_dir,
+        schedule=plan.schedule,
+        num_epochs=num_epochs,
+        fit=fit,
+        blank_alt=plan.blank_alt,
+        # each worker repeats its shards if it must, so no rank runs short
+        batches_per_epoch=math.ceil(micro_per_epoch / max(1, cfg.workers)) if micro_per_epoch else None,
+    )
+    return make_loader(pipeline, cfg.workers)
 
 
 def warmup_constant(step: int, warmup: int) -> float:
@@ -190,253 +263,166 @@ def dropped_captions(batch: dict, cfg: T2IConfig, epoch: int) -> list[str]:
     ]
 
 
-def drop_log_after(log_path: Path, step: int) -> None:
-    """Keep only log records up to ``step`` (those after the resumed checkpoint are about to be redone)."""
-    if not log_path.is_file():
-        return
-    lines = log_path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(log_path, "".join(kept))
+def diffusion_loss(
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    cfg: T2IConfig,
+    sched,
+    latents: torch.Tensor,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Noise the latents at random timesteps; epsilon MSE, plus the VLB term when sigma is learned."""
+    noise = torch.randn(latents.shape, generator=gen, device=latents.device)
+    t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen, device=latents.device)
+    a = sched.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    with accelerator.autocast():
+        out = model(noisy, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask).sample
+    out = out.float()
+    eps = out[:, : cfg.latent_channels]
+    loss = F.mse_loss(eps, noise)
+    if cfg.learned_sigma:
+        loss = loss + vlb_loss(sched, latents, noisy, t, eps.detach(), out[:, cfg.latent_channels :])
+    return loss
+
+
+def restore(ckpt_dir: Path, env: DistEnv, learner: Learner) -> tuple[TrainState, Path | None]:
+    """Weights, optimizer and data position from the newest readable checkpoint (a fresh state without one)."""
+    path, saved = load_latest(ckpt_dir)
+    if saved is None:
+        return TrainState(), None
+    learner.load(saved)
+    if env.is_main:
+        print(f"resuming from {path} at step {saved['step']}")
+    return TrainState.from_checkpoint(saved, env.is_main), path
+
+
+def save(cfg: T2IConfig, run_dir: Path, state: TrainState, totals, learner: Learner, accelerator, world: int) -> Path:
+    """Rank 0: the learner, the data position and the global counts, as ``checkpoints/step_XXXXXXXX.pt``."""
+    doc = {"name": run_dir.name, **state.to_dict(totals), **learner.state_dict(accelerator)}
+    doc.update(world_size=world, config=cfg.to_dict())
+    return save_checkpoint(run_dir / "checkpoints", doc, state.step, cfg.keep_last)
+
+
+def report_counts(cfg: T2IConfig, steps: int, totals) -> None:
+    """The end-of-training line: realized synthetic share, fallbacks and truncated prompts over all ranks."""
+    mix = mix_stats(totals).as_dict()
+    print(
+        f"trained {steps} steps; realized synthetic share {mix['realized_synthetic_ratio']:.4f} (p={cfg.p:g}), "
+        f"fallbacks to alt-text: {sum(mix['fallbacks'].values())}, truncated prompts: {totals['truncated_prompts']}"
+    )
+
+
+def log_step(logger: StepLogger, state: TrainState, loss: torch.Tensor, lr: float, grad_norm, ips: float) -> None:
+    """One ``train_log.jsonl`` record; the counts are rank 0's (since the run began), no collective."""
+    seen = state.local + state.base
+    counts = nest_counts(seen)
+    record = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": loss.item(),
+        "lr": lr,
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "images_per_s": ips,
+        "realized_p": mix_stats(seen).realized_synthetic_ratio(),
+        "fallbacks": counts["mixing"]["fallbacks"],
+        "truncated_prompts": seen["truncated_prompts"],
+        "data_errors": counts["data_errors"],
+    }
+    scalars = {f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s", "realized_p")}
+    postfix = f"loss={record['loss']:.4f} lr={lr:.2e} ips={ips:.1f} p_real={record['realized_p']:.3f}"
+    logger.write(record, scalars, postfix)
 
 
 def train(
     cfg: T2IConfig, run_dir: Path, data: DataSpec, vae_path: str, text_path: str, text_model: str | None = None
 ) -> Path:
-    """Train to the configured step count (resuming if the run folder has a checkpoint); return the last checkpoint."""
-    with cpu_threads(cfg):
-        return _train(cfg, run_dir, data, vae_path, text_path, text_model)
+    """Train to the configured step count (resuming if the run folder has a checkpoint); return the last checkpoint.
 
-
-def _train(
-    cfg: T2IConfig, run_dir: Path, data: DataSpec, vae_path: str, text_path: str, text_model: str | None
-) -> Path:
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg)
-    accelerator = Accelerator(
-        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
-        gradient_accumulation_steps=cfg.grad_accum,
-        cpu=device == "cpu",
-    )
-    device = str(accelerator.device)
-    world = accelerator.num_processes
-    micro_batch = cfg.batch_size // (world * cfg.grad_accum)
-    if micro_batch < 1 or micro_batch * world * cfg.grad_accum != cfg.batch_size:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} is not divisible by {world} processes x grad_accum={cfg.grad_accum}"
-        )
-    steps = cfg.steps_for(data.dataset_size)
-    micro_per_epoch = micro_batches_per_epoch(cfg, data, world)
-    torch.manual_seed(cfg.seed)
-
-    vae = load_vae(vae_path, device)
-    text: TextEncoder = load_text_encoder(text_path, cfg.max_sequence_length, device, text_model)
-    model = build_transformer(cfg, text.width).to(device)
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    ema = EMA(model, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
-    )
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, cfg.warmup_steps))
-    noise_sched = train_scheduler(cfg)
-    alphas_cumprod = noise_sched.alphas_cumprod.to(device)
-
-    step, epoch, batch_in_epoch, stats, truncated = 0, 0, 0, MixStats(), 0
-    data_errors: dict[str, int] = {}
-    resume = latest_checkpoint(ckpt_dir)
-    if resume is not None:
-        state = load_checkpoint(resume)
-        model.load_state_dict(state["state_dict"])
-        ema.shadow = {k: v.float() for k, v in state["ema"].items()}
-        optimizer.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        if accelerator.is_main_process:  # the saved counts are totals over ranks; rank 0 carries them on
-            stats.used.update(state["mixing"]["used"])
-            stats.fallbacks.update(state["mixing"]["fallbacks"])
-            truncated, data_errors = state["truncated_prompts"], dict(state["data_errors"])
-            print(f"resuming from {resume} at step {step}")
-            drop_log_after(run_dir / "train_log.jsonl", step)
-    if micro_per_epoch is not None and batch_in_epoch >= micro_per_epoch:
-        epoch, batch_in_epoch = epoch + 1, 0
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    shared_epoch = SharedEpoch(epoch)
-    pipeline = build_t2i_pipeline(
-        data.shards,
-        latents=data.latents,
-        mixture=Mixture.from_p(cfg.p, cfg.synthetic_source),
-        seed=cfg.seed,
-        epoch=shared_epoch,
-        batch_size=micro_batch,
-        resolution=cfg.resolution,
-        latent_shape=(2 * cfg.latent_channels, cfg.latent_size, cfg.latent_size),
-        shuffle_buffer=cfg.shuffle_buffer,
-        sidecar_dir=data.sidecar_dir,
-    )
-    if micro_per_epoch is not None:  # each worker repeats its shards if it must, so no rank runs short
-        pipeline = pipeline.with_epoch(nbatches=math.ceil(micro_per_epoch / max(1, cfg.workers)))
-    loader = make_loader(pipeline, cfg.workers)
-
-    env = DistEnv(accelerator.process_index, world, accelerator.local_process_index, device)
-
-    def counts() -> dict:
-        """Mixing, truncation and data-error counts summed over ranks (a collective: every rank calls it)."""
-        flat = {f"used/{k}": v for k, v in stats.used.items()}
-        flat.update({f"fallbacks/{k}": v for k, v in stats.fallbacks.items()})
-        flat.update({f"data_errors/{k}": v for k, v in data_errors.items()})
-        flat["truncated_prompts"] = truncated + text.truncated
-        total = sum_counters(env, flat)
-        out: dict = {"mixing": {"used": {}, "fallbacks": {}}, "data_errors": {}}
-        for k, v in total.items():
-            group, _, name = k.partition("/")
-            if group in ("used", "fallbacks"):
-                out["mixing"][group][name] = v
-            elif group == "data_errors":
-                out["data_errors"][name] = v
-        out["truncated_prompts"] = total["truncated_prompts"]
-        return out
-
-    def state_dict(totals: dict) -> dict:
-        return {
-            "name": run_dir.name,
-            "epoch": epoch,
-            "step": step,
-            "batch_in_epoch": batch_in_epoch,
-            "state_dict": accelerator.unwrap_model(model).state_dict(),
-            "ema": ema.shadow,
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_sched.state_dict(),
-            **totals,
-            "world_size": world,
-            "config": cfg.to_dict(),
-        }
-
-    last_ckpt = resume
-    log_file = (run_dir / "train_log.jsonl").open("a") if accelerator.is_main_process else None
-    bar = tqdm(
-        total=steps,
-        initial=step,
-        desc=f"t2i p={cfg.p:g}",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not accelerator.is_main_process,
-    )
-    model.train()
-    t_last, n_last, micro = time.perf_counter(), 0, 0
-    bad_loss, stop = False, False
-    with PreemptionFlag() as preempt:
-        while step < steps:
-            shared_epoch.set(epoch)
-            got_batch = False
-            for i, batch in enumerate(loader):
-                if micro_per_epoch is not None and i >= micro_per_epoch:
-                    break
-                if i < batch_in_epoch:  # fast-forward to the saved data position after a resume
-                    continue
-                got_batch = True
+    Every rank calls this; rank 0 alone writes. Raises ``Preempted`` after a stop signal and
+    ``NonFiniteLossError`` (naming the last good checkpoint) when a loss is NaN/inf on any rank.
+    """
+    env = init_distributed(cfg.device)
+    run_dir, ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
+    with ExitStack() as stack:
+        stack.enter_context(cpu_threads(env.device, cfg.workers))
+        preempt = stack.enter_context(PreemptionFlag())
+        accelerator = make_accelerator(cfg, env)
+        micro_batch = micro_batch_size(cfg, env.world_size)
+        steps = cfg.steps_for(data.dataset_size)
+        micro_per_epoch = micro_batches_per_epoch(cfg, data, env.world_size)
+        torch.manual_seed(cfg.seed)
+        vae = load_vae(vae_path, env.device, cfg.allow_pickle_weights)
+        text = load_text_encoder(text_path, cfg.max_sequence_length, env.device, text_model, cfg.allow_pickle_weights)
+        learner = Learner.build(cfg, text.width, env.device)
+        noise_sched = train_scheduler(cfg)
+        state, last_ckpt = restore(ckpt_dir, env, learner)
+        state.roll_over(micro_per_epoch)
+        model, optimizer = learner.model, learner.optimizer = accelerator.prepare(learner.model, learner.optimizer)
+        epoch = SharedEpoch(state.epoch)
+        num_epochs = run_epochs(cfg, data, steps, micro_per_epoch)
+        loader = training_loader(cfg, data, epoch, micro_batch, num_epochs, micro_per_epoch, text.tokenizer)
+        desc, main = f"t2i p={cfg.p:g}", env.is_main  # StepLogger trims train_log.jsonl to the resumed step
+        logger = StepLogger(run_dir, enabled=main, total=steps, initial=state.step, desc=desc, loggers=cfg.logger)
+        stack.enter_context(logger)
+        model.train()
+        t_last, n_last, micro, stop = time.perf_counter(), 0, 0, False
+        while state.step < steps:
+            epoch.set(state.epoch)
+            for i, batch in state.epoch_batches(loader, micro_per_epoch):
                 # Noise, timesteps and latent samples depend on (seed, step, global micro-batch index): a resume
                 # repeats them, and N ranks draw what one process accumulating N micro-batches would.
-                micro_index = micro * world + accelerator.process_index
-                gen = torch.Generator(device).manual_seed(hash((cfg.seed, step, micro_index)) % 2**63)
+                seed = hash((cfg.seed, state.step, micro * env.world_size + env.rank)) % 2**63
+                gen = torch.Generator(env.device).manual_seed(seed)
                 with accelerator.autocast():  # frozen VAE and text encoder in bf16 under bf16 training, as in diffusers
-                    latents = encode_batch(batch, vae, cfg, data.latents, gen, device)
-                    hidden, mask = text.encode(dropped_captions(batch, cfg, epoch), device)
-                noise = torch.randn(latents.shape, generator=gen, device=device)
-                t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen, device=device)
-                a = alphas_cumprod[t].view(-1, 1, 1, 1)
-                noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+                    latents = encode_batch(batch, vae, cfg, data.latents, gen, env.device)
+                    hidden, mask = text.encode(dropped_captions(batch, cfg, state.epoch), env.device)
                 with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        out = model(noisy, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask).sample
-                    out = out.float()
-                    eps = out[:, : cfg.latent_channels]
-                    loss = F.mse_loss(eps, noise)
-                    if cfg.learned_sigma:
-                        loss = loss + vlb_loss(
-                            noise_sched, latents, noisy, t, eps.detach(), out[:, cfg.latent_channels :]
-                        )
-                    bad_loss = bad_loss or not torch.isfinite(loss).item()
-                    if accelerator.sync_gradients:  # one collective per step: every rank takes the same branch
-                        stop, bad_loss = any_flag(env, preempt.requested, bad_loss)
-                        if bad_loss:
-                            raise NonFiniteLossError(
-                                f"non-finite loss at step {step} (this rank's loss: {loss.item()}); "
-                                f"last good checkpoint: {last_ckpt or 'none'}"
-                            )
+                    loss = diffusion_loss(model, accelerator, cfg, noise_sched, latents, hidden, mask, gen)
+                    stop = check_step(env, loss, preempt.requested, state.step, last_ckpt)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.grad_clip > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    clip = accelerator.sync_gradients and cfg.grad_clip > 0
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if clip else None
                     optimizer.step()
-                    lr_sched.step() if accelerator.sync_gradients else None
+                    if accelerator.sync_gradients:
+                        learner.lr_sched.step()
                     optimizer.zero_grad(set_to_none=True)
-                stats.update(batch["sources"], batch["wanted"])
-                for k, v in batch["data_errors"].items():
-                    data_errors[k] = data_errors.get(k, 0) + v
-                batch_in_epoch = i + 1
-                n_last += latents.shape[0] * world
-                micro += 1
+                state.local["truncated_prompts"] = text.truncated
+                state.batch_in_epoch = i
+                n_last, micro = n_last + latents.shape[0] * env.world_size, micro + 1
                 if not accelerator.sync_gradients:
                     continue
                 micro = 0
-                ema.update(accelerator.unwrap_model(model))
-                step += 1
-                bar.update(1)
-
-                if accelerator.is_main_process and (step % cfg.log_every == 0 or step == steps):
+                learner.ema.update(accelerator.unwrap_model(model))
+                state.step += 1
+                logger.step()
+                if env.is_main and (state.step % cfg.log_every == 0 or state.step == steps):
                     now = time.perf_counter()
-                    record = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss.item(),
-                        "lr": lr_sched.get_last_lr()[0],
-                        "grad_norm": float(grad_norm) if cfg.grad_clip > 0 else None,
-                        "images_per_s": n_last / (now - t_last),
-                        "realized_p": stats.realized_synthetic_ratio(),
-                        "fallbacks": dict(stats.fallbacks),
-                        "truncated_prompts": truncated + text.truncated,
-                        "data_errors": data_errors,
-                    }
+                    log_step(logger, state, loss, learner.lr_sched.get_last_lr()[0], grad_norm, n_last / (now - t_last))
                     t_last, n_last = now, 0
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.4f}",
-                        lr=f"{record['lr']:.2e}",
-                        ips=f"{record['images_per_s']:.1f}",
-                        p_real=f"{record['realized_p']:.3f}",
-                    )
-                if step % cfg.checkpoint_every == 0 or step == steps or stop:
-                    totals = counts()
-                    if accelerator.is_main_process:
-                        last_ckpt = save_checkpoint(ckpt_dir, state_dict(totals), step, cfg.keep_last)
+                if state.step % cfg.checkpoint_every == 0 or state.step == steps or stop:
+                    totals = state.totals(env)  # a collective: every rank calls it
+                    if env.is_main:
+                        save(cfg, run_dir, state, totals, learner, accelerator, env.world_size)
+                    last_ckpt = checkpoint_path(ckpt_dir, state.step)
                 if stop:
                     accelerator.wait_for_everyone()
-                    raise Preempted(step, last_ckpt, preempt.signum)
-                if step >= steps:
+                    raise Preempted(state.step, last_ckpt, preempt.signum)
+                if state.step >= steps:
                     break
-            if step < steps:
-                if not got_batch and batch_in_epoch == 0:
-                    raise RuntimeError(f"the training data yielded no batch of {micro_batch} (shards: {data.shards})")
-                epoch, batch_in_epoch = epoch + 1, 0
-    bar.close()
-    if log_file is not None:
-        log_file.close()
-    accelerator.wait_for_everyone()
-    totals = counts()
-    mix = MixStats(Counter(totals["mixing"]["used"]), Counter(totals["mixing"]["fallbacks"])).as_dict()
-    if accelerator.is_main_process:
-        print(
-            f"trained {step} steps; realized synthetic share {mix['realized_synthetic_ratio']:.4f} (p={cfg.p:g}), "
-            f"fallbacks to alt-text: {sum(mix['fallbacks'].values())}, "
-            f"truncated prompts: {totals['truncated_prompts']}"
-        )
-        if last_ckpt is None or not str(last_ckpt).endswith(f"step_{step:08d}.pt"):
-            last_ckpt = save_checkpoint(ckpt_dir, state_dict(totals), step, cfg.keep_last)
-    return last_ckpt
+            if state.batch_in_epoch == 0:
+                raise RuntimeError(f"the training data yielded no batch of {micro_batch} (shards: {data.shards})")
+            if state.step < steps:
+                state.next_epoch()
+        accelerator.wait_for_everyone()
+        totals = state.totals(env)
+        if env.is_main:
+            report_counts(cfg, state.step, totals)
+            if last_ckpt != checkpoint_path(ckpt_dir, state.step):
+                save(cfg, run_dir, state, totals, learner, accelerator, env.world_size)
+    return checkpoint_path(ckpt_dir, state.step)
 
 
 def ema_transformer(cfg: T2IConfig, ckpt: Path, caption_channels: int) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from caption_mixing.sidecar import sidecar_path, write_sidecar
 
 def signal_self_after_first_checkpoint(ckpt_dir: Path, sig: int = signal.SIGUSR1) -> None:
     """Send ``sig`` to this process (a trainer on its main thread) once ``ckpt_dir`` holds a checkpoint."""
-    from clip_train.checkpoint import list_checkpoints
+    from training.checkpoint import list_checkpoints
 
     def wait_then_signal() -> None:
         while not list_checkpoints(ckpt_dir):
@@ -141,7 +141,7 @@ def assert_same_t2i_training(one: Path, two: Path) -> None:
     """Run folder ``two`` (2 ranks) trained what ``one`` (1 process, 2 micro-batches) did."""
     import torch
 
-    from clip_train.checkpoint import load_checkpoint
+    from training.checkpoint import load_checkpoint
 
     single, ddp = (json.loads((run / "metrics.json").read_text()) for run in (one, two))
     assert (single["world_size"], ddp["world_size"], single["steps"], ddp["steps"]) == (1, 2, 2, 2)

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from caption_mixing import attach as attach_mod
 from caption_mixing.__main__ import main as cli
 from caption_mixing.caption_index import CaptionIndex, DuplicateKeyError
 from caption_mixing.sidecar import SidecarError, read_sidecar, sidecar_path
@@ -43,6 +45,13 @@ def _sidecars(pattern_dir: Path, name: str) -> dict[str, str]:
     return out
 
 
+def _sidecars_in(folder: Path, name: str) -> dict[str, str]:
+    out = {}
+    for path in sorted(folder.glob(f"*.{name}.json")):
+        out.update(read_sidecar(path))
+    return out
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
 def test_attach_from_caption_files(tmp_path: Path, suffix: str, capsys) -> None:
     pattern, keys = make_shards(tmp_path / "s", n_shards=3, per_shard=10, source="unused")
@@ -66,9 +75,14 @@ def test_attach_from_caption_files(tmp_path: Path, suffix: str, capsys) -> None:
     assert not list((tmp_path / "s").glob(".r3.captions.sqlite*"))  # index removed after success
 
 
-def test_attach_resumes_and_skips_done_shards(tmp_path: Path) -> None:
+def _digests(folder: Path, pattern: str = "*.json") -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob(pattern))}
+
+
+def test_attach_killed_while_staging_resumes_without_rereading_done_shards(tmp_path: Path, monkeypatch) -> None:
     pattern, keys = make_shards(tmp_path / "s", n_shards=3, per_shard=5, source="unused")
     caps = _write(tmp_path / "c.jsonl", _records(keys))
+    side = tmp_path / "side"
     args = [
         "attach",
         "--shards",
@@ -79,16 +93,59 @@ def test_attach_resumes_and_skips_done_shards(tmp_path: Path) -> None:
         "r3",
         "--quiet",
         "--sidecar-dir",
-        str(tmp_path / "side"),
+        str(side),
     ]
+    monkeypatch.setattr(attach_mod, "SAVE_EVERY_S", 0.0)
+    real_write, real_read = attach_mod.write_sidecar, attach_mod.read_shard
+
+    def killed_on_second(path, *a, **kw):
+        if len(list(side.glob(".*.staged"))) == 1:
+            raise KeyboardInterrupt  # as if killed while shard 00001 was being written
+        return real_write(path, *a, **kw)
+
+    monkeypatch.setattr(attach_mod, "write_sidecar", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        cli(args)
+    assert not list(side.glob("*.r3.json"))  # nothing installed before the checks
+    assert [p.name for p in side.glob(".*.staged")] == [".00000.r3.json.staged"]
+
+    read = []
+    monkeypatch.setattr(attach_mod, "write_sidecar", real_write)
+    monkeypatch.setattr(
+        attach_mod, "read_shard", lambda shard, *a: read.append(Path(shard).name) or real_read(shard, *a)
+    )
     assert cli(args) == 0
-    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "side").glob("*.r3.json")}
-    assert len(first) == 3
-    (tmp_path / "side" / "00001.r3.json").unlink()  # as if killed before this shard
-    assert cli(args) == 0
-    second = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "side").glob("*.r3.json")}
-    assert second["00000.r3.json"] == first["00000.r3.json"] and "00001.r3.json" in second
-    assert json.loads((tmp_path / "side" / "r3.attach.json").read_text())["matched"] == 15
+    assert read == ["00001.tar", "00002.tar"]  # the staged shard was not read again
+    assert _sidecars_in(side, "r3") == {k: f"dense caption {k}" for k in keys}
+    report = json.loads((side / "r3.attach.json").read_text())
+    assert (report["state"], report["matched"], report["extra_keys"], report["complete"]) == ("installed", 15, 0, True)
+    assert not list(side.glob(".*")), "staged files, temp files and the key list are gone"
+    read.clear()
+    assert cli(args) == 0 and read == []  # a finished attach is not redone
+
+
+def test_attach_killed_while_renaming_is_finished_by_the_rerun(tmp_path: Path, monkeypatch) -> None:
+    pattern, keys = make_shards(tmp_path / "s", n_shards=3, per_shard=4, source="unused")
+    old = _write(tmp_path / "old.jsonl", [{"key": k, "caption": f"old {k}"} for k in keys])
+    new = _write(tmp_path / "new.jsonl", [{"key": k, "caption": f"new {k}"} for k in keys])
+    base = ["attach", "--shards", pattern, "--name", "syn", "--quiet"]
+    assert cli([*base, "--captions", str(old)]) == 0
+    real_replace, renamed = os.replace, []
+
+    def killed_after_first(src, dst):
+        if str(src).endswith(".staged"):  # an install rename (atomic writes use os.replace too)
+            if renamed:
+                raise KeyboardInterrupt
+            renamed.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(attach_mod.os, "replace", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        cli([*base, "--captions", str(new)])
+    monkeypatch.setattr(attach_mod.os, "replace", real_replace)
+    assert {c.split()[0] for c in _sidecars_in(tmp_path / "s", "syn").values()} == {"old", "new"}  # half renamed
+    assert cli([*base, "--captions", str(new)]) == 0
+    assert _sidecars_in(tmp_path / "s", "syn") == {k: f"new {k}" for k in keys}
 
 
 def test_join_on_url(tmp_path: Path) -> None:

@@ -12,12 +12,14 @@ import open_clip
 import pytest
 import torch
 
-from caption_mixing.testbed import TestbedConfig, build_testbed
-from clip_train.checkpoint import load_checkpoint, load_model_state
+from caption_mixing.mixconfig import mixing_plan
 from clip_train.config import ClipTrainConfig, list_presets, load_config, parse_overrides
-from clip_train.experiment import RunConflictError, run_point
+from clip_train.experiment import run_point
 from clip_train.model import check_model_name, create_model
 from experiments.sweep_ratio import main as sweep_main
+from testbed import Testbed, TestbedConfig, build_testbed
+from training.checkpoint import load_checkpoint, load_model_state
+from training.rundir import RunConflictError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = TestbedConfig(num_train=384, shard_size=96, eval_per_class=2, eval_per_class_small=4, num_retrieval=16, seed=3)
@@ -71,6 +73,10 @@ def test_embedded_sweep_end_to_end(testbed_dir: str, tmp_path: Path) -> None:
         assert set(metrics["tasks"]) == {"concept", "category", "color", "count", "retrieval"}
         assert all(t["status"] == "ok" for t in metrics["tasks"].values())
         assert 0.0 <= metrics["tasks"]["color"]["acc1"] <= 1.0
+        # One evaluation path: the registry's metric per task, the schema `python -m eval zeroshot` writes.
+        assert metrics["schema"] == "caption-mixing/metrics/1" and metrics["summary"]["average_over"] == "5/5"
+        assert metrics["tasks"]["retrieval"]["main_metric"] == "mean_recall@1"
+        assert metrics["data_errors"] == {}
         realized = metrics["mixing"]["used"]
         if p == "0":
             assert set(realized) == {"alt"}
@@ -110,9 +116,9 @@ def test_checkpoint_loads_through_open_clip_and_rejects_other_architectures(test
 
 
 def test_resume_continues_to_the_same_step_count(testbed_dir: str, tmp_path: Path) -> None:
-    from caption_mixing.testbed import Testbed
-    from clip_train.checkpoint import list_checkpoints
     from clip_train.train import train
+    from testbed import Testbed
+    from training.checkpoint import list_checkpoints
 
     tb = Testbed.load(testbed_dir)
     cfg = ClipTrainConfig(**{**load_config("embedded", FAST).__dict__, "keep_last": 5})
@@ -139,9 +145,9 @@ def test_cli_rejects_bad_p_naming_the_flag() -> None:
 def test_mixture_spec_rescales_with_p_and_bad_specs_name_the_key() -> None:
     cfg = load_config("embedded", {"captions": "alt=0.5,altogether=0.3,scratch=0.2"})
     assert cfg.p == 0.5  # p follows the written mixture
-    assert dict(cfg.mixture().weights) == pytest.approx({"alt": 0.5, "altogether": 0.3, "scratch": 0.2})
+    assert dict(mixing_plan(cfg).mixture.weights) == pytest.approx({"alt": 0.5, "altogether": 0.3, "scratch": 0.2})
     swept = load_config("embedded", {"captions": "alt=0.5,altogether=0.3,scratch=0.2", "p": 0.2})
-    assert dict(swept.mixture().weights) == pytest.approx({"alt": 0.8, "altogether": 0.12, "scratch": 0.08})
+    assert dict(mixing_plan(swept).mixture.weights) == pytest.approx({"alt": 0.8, "altogether": 0.12, "scratch": 0.08})
     with pytest.raises(ValueError, match="captions"):
         load_config("embedded", {"captions": "alt=0.5,altogether=0.6"})
     with pytest.raises(ValueError, match="p_schedule"):
@@ -151,8 +157,8 @@ def test_mixture_spec_rescales_with_p_and_bad_specs_name_the_key() -> None:
 
 
 def test_multi_source_step_schedule_and_long_caption_policy_reach_training(testbed_dir: str, tmp_path: Path) -> None:
-    from caption_mixing.testbed import Testbed
     from clip_train.train import train
+    from testbed import Testbed
 
     tb = Testbed.load(testbed_dir)
     overrides = {**FAST, "samples_seen": 2 * 12 * 32, "checkpoint_every": 100}  # 2 epochs of 12 steps
@@ -167,3 +173,122 @@ def test_multi_source_step_schedule_and_long_caption_policy_reach_training(testb
     synthetic = used["altogether"] + used["scratch"]
     assert synthetic + sum(fallbacks.values()) == 12 * 32
     assert abs(used["scratch"] / synthetic - 0.4) < 0.15  # 0.2 / (0.3 + 0.2), binomial over ~380 draws
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: stop before the first step, resume past a truncated checkpoint, exact counts
+# ---------------------------------------------------------------------------------------------
+
+
+def _shards_with_corrupt_images(root: Path, n_shards: int = 2, per_shard: int = 40, every: int = 7) -> str:
+    """Shards of solid-colour JPEGs where every ``every``-th image is not a JPEG, with altogether sidecars."""
+    import io
+    import tarfile
+
+    from caption_mixing.sidecar import sidecar_path, write_sidecar
+    from tests.conftest import jpeg_bytes
+
+    root.mkdir(parents=True)
+    for s in range(n_shards):
+        shard = root / f"{s:05d}.tar"
+        with tarfile.open(shard, "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                image = b"not a jpeg" if i % every == every - 1 else jpeg_bytes((40 * s, 5 * i, 90))
+                for ext, data in (("jpg", image), ("txt", f"alt text {key}".encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        captions = {f"{s:05d}{i:04d}": f"a synthetic caption of sample {s} {i}" for i in range(per_shard)}
+        write_sidecar(sidecar_path(shard, "altogether"), shard, "altogether", captions)
+    return str(root / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def test_truncated_checkpoint_is_skipped_log_is_trimmed_and_counts_survive_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    """A truncated newest checkpoint is named and the run resumes from the previous one; the steps
+    logged after that checkpoint are not duplicated; data_errors equal an uninterrupted run's."""
+    from clip_train.train import train
+
+    shards = _shards_with_corrupt_images(tmp_path / "shards")
+    cfg = load_config("embedded", {**FAST, "samples_seen": 6 * 16, "batch_size": 16, "checkpoint_every": 3})
+    cfg = ClipTrainConfig(**{**cfg.__dict__, "log_every": 1, "keep_last": 10, "shuffle_buffer": 0, "logger": "none"})
+    run = tmp_path / "run"
+    uninterrupted = load_checkpoint(train(cfg, run, shards))
+    assert uninterrupted["data_errors"]["corrupt_image"] >= 6 * 16 // 7  # every 7th image, counted exactly
+    ckpt = run / "checkpoints" / "step_00000006.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # as if the disk filled up mid-copy
+    capsys.readouterr()
+
+    with caplog.at_level("WARNING"):
+        resumed = load_checkpoint(train(cfg, run, shards))
+    assert any(str(ckpt) in r.getMessage() for r in caplog.records), caplog.text
+    assert f"resuming from {run / 'checkpoints' / 'step_00000003.pt'} at step 3" in capsys.readouterr().out
+    assert resumed["step"] == 6
+    assert resumed["data_errors"] == uninterrupted["data_errors"]
+    assert resumed["mixing"] == uninterrupted["mixing"]
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # not 1..6 then 4, 5, 6 again
+    logged = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
+    assert logged["data_errors"] == resumed["data_errors"]  # the log shows the global count, across the resume
+
+
+def test_broken_eval_tasks_stop_before_the_first_step(testbed_dir: str, tmp_path: Path) -> None:
+    """A missing eval folder, or a quick-eval name outside eval_tasks, stops before anything is written."""
+    cfg = load_config("embedded", {**FAST, "eval_tasks": "x=/nonexistent"})
+    with pytest.raises(
+        ValueError, match=r"(?s)eval_tasks=.*x: no data found; looked for /nonexistent.*eval_keep_going=true"
+    ):
+        run_point(cfg, tmp_path / "out", testbed_dir=testbed_dir)
+    assert not (tmp_path / "out").exists()
+
+    cfg = load_config("embedded", {**FAST, "eval_every": 2, "quick_eval_tasks": "color,colour"})
+    with pytest.raises(ValueError, match=r"quick_eval_tasks: \['colour'\] not among eval_tasks"):
+        run_point(cfg, tmp_path / "out", testbed_dir=testbed_dir)
+    assert not (tmp_path / "out").exists()
+
+    # Wrong class names: fewer names than the labels in the shards.
+    color = Testbed.load(testbed_dir).eval_tasks["color"]
+    broken = tmp_path / "broken_color"
+    import shutil
+
+    shutil.copytree(color, broken)
+    (broken / "classnames.txt").write_text("red\n")
+    cfg = load_config("embedded", {**FAST, "eval_tasks": f"color={broken}"})
+    with pytest.raises(ValueError, match=r"(?s)color: .*classnames"):
+        run_point(cfg, tmp_path / "out", testbed_dir=testbed_dir)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_keep_going_trains_and_reports_the_average_over_the_tasks_that_ran(
+    testbed_dir: str, tmp_path: Path
+) -> None:
+    color = Testbed.load(testbed_dir).eval_tasks["color"]
+    overrides = {**FAST, "samples_seen": 64, "eval_tasks": f"color={color},x=/nonexistent", "eval_keep_going": True}
+    overrides.update(eval_every=2, quick_eval_tasks="color")  # the quick eval goes through the same runner
+    metrics = run_point(load_config("embedded", overrides), tmp_path, testbed_dir=testbed_dir)
+    log = [json.loads(x) for x in (tmp_path / "clip-embedded-p0.15" / "train_log.jsonl").read_text().splitlines()]
+    quick = [r for r in log if "eval" in r]
+    assert [(r["step"], list(r["eval"])) for r in quick] == [(2, ["color"])]
+    assert quick[0]["eval"]["color"] == metrics["tasks"]["color"]["acc1"]  # the final weights, the same path
+    text = (tmp_path / "clip-embedded-p0.15" / "metrics.json").read_text()
+    assert "NaN" not in text and json.loads(text)["summary"] == metrics["summary"]
+    assert metrics["tasks"]["x"]["status"] == "missing" and metrics["tasks"]["color"]["status"] == "ok"
+    assert metrics["summary"]["average_over"] == "1/2" and metrics["summary"]["missing"] == ["x"]
+    assert metrics["summary"]["average"] == metrics["tasks"]["color"]["acc1"]
+
+
+def test_cli_refuses_a_file_as_out_and_a_derived_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from clip_train.__main__ import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as info:
+        main(["--out", str(afile)])
+    assert info.value.code == 2 and f"--out: {afile} exists and is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--out", str(tmp_path / "runs"), "--set", "steps=-5"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "set samples_seen instead" in err and "did you mean" not in err
+    assert not (tmp_path / "runs").exists()

@@ -15,22 +15,16 @@ import pytest
 import torch
 import torch.multiprocessing as tmp
 
-from caption_mixing.testbed import Testbed, TestbedConfig, build_testbed
-from clip_train.checkpoint import list_checkpoints, load_checkpoint
 from clip_train.config import ClipTrainConfig, list_presets, load_config
-from clip_train.distributed import DistEnv, read_env
+from clip_train.data import plan_epoch
 from clip_train.model import create_model_meta
-from clip_train.preemption import Preempted
-from clip_train.train import (
-    NonFiniteLossError,
-    forward_backward,
-    make_loss,
-    make_optimizer,
-    optimizer_step,
-    plan_epoch,
-    train,
-)
+from clip_train.step import forward_backward, make_loss, make_optimizer, optimizer_step
+from clip_train.train import NonFiniteLossError, train
+from testbed import Testbed, TestbedConfig, build_testbed
 from tests.conftest import signal_self_after_first_checkpoint
+from training.checkpoint import list_checkpoints, load_checkpoint
+from training.distributed import DistEnv, read_env
+from training.preemption import Preempted
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = TestbedConfig(num_train=192, shard_size=48, eval_per_class=2, eval_per_class_small=4, num_retrieval=16, seed=5)
@@ -153,7 +147,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from clip_train.distributed import cleanup, init_distributed
+    from training.distributed import cleanup, init_distributed
 
     env = init_distributed("cpu")
     assert env.world_size == world and torch.distributed.get_backend() == "gloo"
@@ -255,3 +249,31 @@ def test_nan_loss_stops_naming_step_and_last_good_checkpoint(testbed: Testbed, t
         train(cfg, tmp_path / "run", testbed.train_shards, num_samples=testbed.num_train)
     steps = [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert steps and f"step_{steps[-1]:08d}.pt" in str(info.value) and f"at step {steps[-1]} " in str(info.value)
+
+
+def _nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 1 alone sees a NaN loss; the trainer's per-step guard must stop both ranks."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import clip_train.train as trainer
+    from training.distributed import cleanup, init_distributed
+
+    env = init_distributed("cpu")
+    loss = torch.tensor(float("nan") if rank == 1 else 1.5)
+    try:
+        trainer.check_step(env, loss, False, 7, Path("step_00000005.pt"))
+        outcome = "trained on"
+    except trainer.NonFiniteLossError as exn:
+        outcome = str(exn)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+    cleanup()
+
+
+def test_nan_on_one_rank_stops_every_rank(tmp_path: Path, monkeypatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    tmp.spawn(_nan_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert text.startswith("non-finite loss at step 7") and "step_00000005.pt" in text, (rank, text)

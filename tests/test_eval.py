@@ -1,11 +1,10 @@
-"""The eval package against direct computations on a tiny random CLIP and tiny wds folders."""
+"""The one evaluation path (``eval.runner.run_suite``) against direct computations on a tiny random CLIP."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import math
 import tarfile
 from pathlib import Path
 
@@ -16,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from eval.locate import locate
 from eval.report import format_table, load_run, write_sweep_report
-from eval.zeroshot import (
-    evaluate_classification,
-    evaluate_retrieval,
-    evaluate_tasks,
-    is_retrieval_dataset,
-    summarize,
-)
+from eval.results import summarize
+from eval.runner import run_suite
+from eval.tasks import parse_task_spec
+from eval.wds_folder import is_retrieval_dataset
+from eval.zeroshot import evaluate_retrieval
 
 CLASSNAMES = ["red", "green", "blue", "yellow", "cyan", "magenta"]
 COLORS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (30, 220, 220), (220, 30, 220)]
@@ -108,67 +106,74 @@ def _images(preprocess, jpgs: list[bytes]) -> torch.Tensor:
     return torch.stack([preprocess(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpgs])
 
 
+def direct_classification(clip, items: list[tuple[bytes, int]], classnames: list[str] = CLASSNAMES) -> dict:
+    """acc1, acc5 and mean per-class recall computed from first principles (no eval code)."""
+    model, tokenizer, preprocess = clip
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(_images(preprocess, [j for j, _ in items])), dim=-1)
+        weights = []
+        for name in classnames:
+            emb = F.normalize(model.encode_text(tokenizer([t.format(c=name) for t in TEMPLATES])), dim=-1).mean(0)
+            weights.append(emb / emb.norm())
+        logits = img @ torch.stack(weights, dim=1)
+    y = torch.tensor([c for _, c in items])
+    pred = logits.argmax(1)
+    assert pred.unique().numel() > 1, "fixture too degenerate: every image gets the same class"
+    return {
+        "acc1": (pred == y).float().mean().item(),
+        "acc5": (logits.topk(5, dim=1).indices == y[:, None]).any(1).float().mean().item(),
+        "mean_per_class_recall": np.mean([(pred[y == c] == c).float().mean().item() for c in y.unique().tolist()]),
+    }
+
+
+def evaluate(clip, spec: str, dataset_root: Path | None = None, **kw) -> dict:
+    """Per-task results of ``run_suite`` for a task spec (the one evaluation path)."""
+    model, tokenizer, preprocess = clip
+    return run_suite(model, tokenizer, preprocess, parse_task_spec(spec), dataset_root, progress=False, **kw)["tasks"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Classification
 # ----------------------------------------------------------------------------------------------
 
 
 def test_classification_matches_direct_computation(clip, datasets):
-    model, tokenizer, preprocess = clip
     base, items, _ = datasets
-    with torch.no_grad():
-        img = F.normalize(model.encode_image(_images(preprocess, [j for j, _ in items])), dim=-1)
-        weights = []
-        for name in CLASSNAMES:
-            emb = F.normalize(model.encode_text(tokenizer([t.format(c=name) for t in TEMPLATES])), dim=-1).mean(0)
-            weights.append(emb / emb.norm())
-        logits = img @ torch.stack(weights, dim=1)
-    y = torch.tensor([c for _, c in items])
-    top5 = logits.topk(5, dim=1).indices
-    acc1 = (logits.argmax(1) == y).float().mean().item()
-    acc5 = (top5 == y[:, None]).any(1).float().mean().item()
-    pred = logits.argmax(1)
-    assert pred.unique().numel() > 1, "fixture too degenerate: every image gets the same class"
-    balanced = np.mean([(pred[y == c] == c).float().mean().item() for c in range(len(CLASSNAMES))])
-
-    res = evaluate_classification(model, tokenizer, preprocess, base / "colors", batch_size=7)
-    assert res["task_type"] == "classification" and res["main_metric"] == "acc1"
-    assert res["num_samples"] == 30 and res["num_classes"] == 6
-    assert res["acc1"] == pytest.approx(acc1)
-    assert res["acc5"] == pytest.approx(acc5)
-    assert res["mean_per_class_recall"] == pytest.approx(balanced)
-    assert all(0.0 <= res[k] <= 1.0 for k in ("acc1", "acc5", "mean_per_class_recall"))
+    direct = direct_classification(clip, items)
+    res = evaluate(clip, f"colors={base / 'colors'}", batch_size=7)["colors"]
+    assert res["task_type"] == "classification" and res["main_metric"] == "acc1" and res["status"] == "ok"
+    assert res["num_samples"] == 30 and res["num_classes"] == 6 and res["precision"] == "fp32"
+    for key in ("acc1", "acc5", "mean_per_class_recall"):
+        assert res[key] == pytest.approx(direct[key]), key
+        assert 0.0 <= res[key] <= 1.0
 
 
-def test_acc5_is_nan_below_five_classes(clip, tmp_path):
-    model, tokenizer, preprocess = clip
+def test_acc5_is_not_reported_below_five_classes(clip, tmp_path):
     root = tmp_path / "few"
     rng = np.random.default_rng(3)
     _write_wds(root, [(f"{i}", _jpeg(rng, COLORS[i % 3]), ("cls", str(i % 3).encode())) for i in range(6)])
     (root / "classnames.txt").write_text("red\ngreen\nblue\n")
     (root / "zeroshot_classification_templates.txt").write_text("{c}\n")
-    res = evaluate_classification(model, tokenizer, preprocess, root)
-    assert math.isnan(res["acc5"]) and res["num_classes"] == 3
+    res = evaluate(clip, f"few={root}")["few"]
+    assert res["acc5"] is None and "3 classes" in res["acc5_note"] and res["num_classes"] == 3
 
 
 def test_classnames_label_mismatch_names_the_file(clip, tmp_path):
-    model, tokenizer, preprocess = clip
     make_classification(tmp_path / "bad", classnames=CLASSNAMES[:4])  # labels go up to 5
-    with pytest.raises(ValueError, match="classnames.txt"):
-        evaluate_classification(model, tokenizer, preprocess, tmp_path / "bad")
+    with pytest.raises(ValueError, match="bad: .*classnames.txt"):
+        evaluate(clip, f"bad={tmp_path / 'bad'}")
 
 
 def test_missing_nshards_and_empty_split_name_the_path(clip, tmp_path):
-    model, tokenizer, preprocess = clip
     root = tmp_path / "broken"
     make_classification(root)
     (root / "test" / "nshards.txt").unlink()
     with pytest.raises(ValueError, match="nshards.txt"):
-        evaluate_classification(model, tokenizer, preprocess, root)
+        evaluate(clip, f"broken={root}")
     (root / "test" / "0.tar").unlink()
     (root / "test" / "nshards.txt").write_text("0\n")
     with pytest.raises(ValueError, match=str(root / "test")):
-        evaluate_classification(model, tokenizer, preprocess, root)
+        evaluate(clip, f"broken={root}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,8 +203,11 @@ def test_retrieval_matches_direct_computation(clip, datasets):
     scores = txt @ img.t()
 
     # (1, 5, 10) fits 12 images / 24 captions: clip_benchmark's evaluate; 50 does not: the clamped mirror
+    (task,) = parse_task_spec(f"pairs={base / 'pairs'}")
+    assert task.kind == "retrieval" and task.metric == "mean_recall@1"
+    src = locate(task, None)
     for recall_k in ((1, 5, 10), (1, 5, 10, 50)):
-        res = evaluate_retrieval(model, tokenizer, preprocess, base / "pairs", batch_size=5, recall_k=recall_k)
+        res = evaluate_retrieval(task, src, model, tokenizer, preprocess, batch_size=5, recall_k=recall_k)
         assert res["task_type"] == "retrieval" and res["main_metric"] == "mean_recall@1"
         assert res["num_samples"] == 12 and res["num_texts"] == 24
         for k in recall_k:
@@ -209,6 +217,10 @@ def test_retrieval_matches_direct_computation(clip, datasets):
         mean_r1 = (res["text_retrieval_recall@1"] + res["image_retrieval_recall@1"]) / 2
         assert res["mean_recall@1"] == pytest.approx(mean_r1)
     assert res["image_retrieval_recall@50"] == 1.0 and res["text_retrieval_recall@50"] == 1.0
+    suite = evaluate(clip, f"pairs={base / 'pairs'}", batch_size=5)["pairs"]  # the suite: same numbers
+    assert {k: suite[k] for k in ("mean_recall@1", "text_retrieval_recall@5")} == pytest.approx(
+        {k: res[k] for k in ("mean_recall@1", "text_retrieval_recall@5")}
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,27 +228,26 @@ def test_retrieval_matches_direct_computation(clip, datasets):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_evaluate_tasks_reports_missing_and_summarizes(clip, datasets):
-    model, tokenizer, preprocess = clip
+def test_run_suite_reports_missing_and_summarizes(clip, datasets, capsys):
+    model, _, _ = clip
     base, _, _ = datasets
     gone = base / "does_not_exist"
     model.train()
-    results = evaluate_tasks(
-        model, tokenizer, preprocess, {"colors": base / "colors", "pairs": base / "pairs", "gone": gone}, progress=False
-    )
-    assert model.training, "evaluate_tasks must restore the caller's train/eval mode"
-    assert results["gone"] == {"status": "missing", "path": str(gone)}
+    results = evaluate(clip, f"colors={base / 'colors'},pairs={base / 'pairs'},gone={gone}")
+    assert model.training, "run_suite must restore the caller's train/eval mode"
+    assert results["gone"] == {"status": "missing", "path": str(gone), "looked_for": [str(gone)],
+                               "main_metric": "acc1", "reason": f"no data found; looked for {gone}"}  # fmt: skip
     assert results["colors"]["status"] == "ok" and results["colors"]["task_type"] == "classification"
     assert results["pairs"]["status"] == "ok" and results["pairs"]["task_type"] == "retrieval"
     assert all(results[t]["seconds"] >= 0 for t in ("colors", "pairs"))
+    assert capsys.readouterr().err == "", "progress=False prints no bars"
 
     summary = summarize(results)
-    assert summary["num_tasks"] == 3 and summary["num_tasks_averaged"] == 2
-    assert summary["num_tasks_averaged"] < summary["num_tasks"]
+    assert summary["num_tasks"] == 3 and summary["num_tasks_averaged"] == 2 and summary["average_over"] == "2/3"
     assert summary["missing"] == ["gone"]
     expected = (results["colors"]["acc1"] + results["pairs"]["mean_recall@1"]) / 2
     assert summary["average"] == pytest.approx(expected)
-    json.dumps(results)  # metrics.json must be able to hold them
+    json.dumps(results, allow_nan=False)  # metrics.json must be able to hold them
 
 
 # ----------------------------------------------------------------------------------------------

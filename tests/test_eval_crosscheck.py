@@ -1,9 +1,9 @@
 """Our runner against clip_benchmark's own CLI on the same checkpoint and the same local wds folders.
 
-The CLI (``clip_benchmark.cli.main`` with its usual arguments) runs through eval.cb_launcher, which swaps only
-its numpy>=2.4-broken ``accuracy`` for a numpy-safe copy; it runs in this process so the test does not pay a
-second interpreter start-up. Top-1, top-5, mean per-class recall and retrieval recall@k must agree within
-0.1 points.
+The CLI (``clip_benchmark.cli.main`` with its usual arguments) runs through eval.cb_launcher, which swaps
+only its numpy>=2.4-broken ``accuracy`` for the suite's own ``eval.metrics.topk_accuracy``; it runs in
+this process so the test does not pay a second interpreter start-up. Top-1, top-5, mean per-class recall
+and retrieval recall@k must agree within 0.1 points.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from eval import cb_launcher
 from eval.__main__ import main
-from eval.cb_launcher import numpy_safe_accuracy
+from eval.metrics import topk_accuracy
 from tests.test_eval import make_classification, make_retrieval
 from tests.test_eval_support import TINY_MODEL, write_tiny_model
 
@@ -32,10 +32,15 @@ def _clip_benchmark(cfg: Path, ckpt: Path, folder: Path, task: str, out: Path) -
     return json.loads(out.read_text())["metrics"]
 
 
-def test_numpy_safe_accuracy_matches_definition():
+def test_one_topk_accuracy_matches_definition_and_is_patched_into_clip_benchmark():
+    from clip_benchmark.metrics import zeroshot_classification
+
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.5, 0.4, 0.1]])
     target = torch.tensor([1, 2, 2, 1])
-    assert numpy_safe_accuracy(logits, target, topk=(1, 2)) == [0.5, 0.75]
+    assert topk_accuracy(logits, target, topk=(1, 2)) == [0.5, 0.75]
+    assert topk_accuracy(logits, target, topk=(5,)) == [1.0]  # k clamped to the 3 classes
+    cb_launcher.patch_clip_benchmark()
+    assert zeroshot_classification.accuracy is topk_accuracy
 
 
 @pytest.mark.filterwarnings(r"ignore:WebDataset\(shardshuffle")  # clip_benchmark's own loader, unchanged

@@ -1,12 +1,14 @@
-"""Task registry: the paper's 26 tasks, metrics, task-list parsing and `python -m eval tasks`."""
+"""Task registry: the paper's 26 tasks, metrics, task-spec parsing and `python -m eval tasks`."""
 
 from __future__ import annotations
 
 import pytest
 
 from eval.__main__ import main
+from eval.locate import locate
 from eval.prompts import folder_prompts, packaged_classnames, packaged_templates
-from eval.tasks import DATACOMP_GROUPS, PAPER_TASKS, REGISTRY, TASK_SETS, looked_for, resolve_tasks
+from eval.tasks import DATACOMP_GROUPS, PAPER_TASKS, REGISTRY, TASK_SETS, looked_for, parse_task_spec
+from testbed import EVAL_TASKS
 
 PAPER_COLUMNS = ["ImageNet", "Food-101", "CIFAR10", "CIFAR100", "CUB", "SUN397", "Cars", "Aircraft", "DTD", "Pets",
                  "Caltech-101", "Flowers", "MNIST", "FER-2013", "STL-10", "EuroSAT", "RESISC45", "GTSRB", "KITTI",
@@ -51,14 +53,58 @@ def test_folder_prompts_prefer_the_folder_then_packaged(tmp_path):
         folder_prompts(tmp_path / "nowhere", "no_such_key")
 
 
-def test_resolve_tasks_sets_names_and_typos():
-    assert [t.name for t in resolve_tasks("paper26")] == [t.name for t in PAPER_TASKS]
-    assert [t.name for t in resolve_tasks("retrieval,imagenet1k,flickr30k")] == ["flickr30k", "mscoco", "imagenet1k"]
+def test_parse_task_spec_groups_names_and_typos():
+    assert [t.name for t in parse_task_spec("paper26")] == [t.name for t in PAPER_TASKS]
+    assert [t.name for t in parse_task_spec("retrieval,imagenet1k,flickr30k")] == ["flickr30k", "mscoco", "imagenet1k"]
     assert "winogavil" not in TASK_SETS["datacomp"]
-    with pytest.raises(ValueError, match="did you mean cifar100"):
-        resolve_tasks("imagenet1k,cifar1000")
+    assert [t.name for t in parse_task_spec("datacomp")] == list(TASK_SETS["datacomp"])
+    with pytest.raises(ValueError, match="--tasks: unknown task 'cifar1000'; did you mean cifar100"):
+        parse_task_spec("imagenet1k,cifar1000")
+    with pytest.raises(ValueError, match="--extra-task: unknown task 'flowerz'"):
+        parse_task_spec("flowerz", "--extra-task")
     with pytest.raises(ValueError, match="names no task"):
-        resolve_tasks(" , ")
+        parse_task_spec(" , ")
+
+
+def test_testbed_group_reads_the_testbeds_eval_folders(tmp_path):
+    tasks = parse_task_spec("testbed")
+    assert tuple(t.name for t in tasks) == EVAL_TASKS  # the testbed's own list, by name and order
+    metrics = {t.name: (t.kind, t.metric) for t in tasks}
+    assert metrics["retrieval"] == ("retrieval", "mean_recall@1") and metrics["concept"] == ("classification", "acc1")
+    assert looked_for(REGISTRY["concept"], tmp_path) == [tmp_path / "concept"]  # <testbed>/eval/<name>/
+    (tmp_path / "count" / "test").mkdir(parents=True)
+    assert locate(REGISTRY["count"], tmp_path).path == tmp_path / "count"
+    # a group name wins: `retrieval` alone is Flickr30k + COCO, the testbed's set comes with `testbed`
+    assert [t.name for t in parse_task_spec("retrieval")] == ["flickr30k", "mscoco"]
+
+
+def test_parse_task_spec_adhoc_items(tmp_path):
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "dataset_type.txt").write_text("retrieval\n")
+    mine, pairs, air, color = parse_task_spec(
+        f"mine={tmp_path / 'a'}, pairs={tmp_path / 'pairs'},fgvc_aircraft={tmp_path / 'air'},color={tmp_path / 'c'}"
+    )
+    assert (mine.kind, mine.metric, mine.local_path) == ("classification", "acc1", str(tmp_path / "a"))
+    assert (pairs.kind, pairs.metric) == ("retrieval", "mean_recall@1")
+    # a registry name read from a given folder keeps the registry's metric, prompts and splits
+    assert (air.metric, air.prompt_key, air.title) == ("mean_per_class_recall", "fgvc_aircraft", "Aircraft")
+    assert air.local_path == str(tmp_path / "air") and looked_for(air, None) == [tmp_path / "air"]
+    assert (color.metric, color.local_path) == ("acc1", str(tmp_path / "c"))
+    eurosat = parse_task_spec(f"eurosat={tmp_path / 'eu'}")[0]
+    (tmp_path / "eu" / "test").mkdir(parents=True)  # paper split val absent: test read, and noted
+    assert locate(eurosat, None).split == "test" and "val" in locate(eurosat, None).split_note
+    # the same task twice is merged; one name with two sources is refused
+    assert [t.name for t in parse_task_spec("cifar10,paper26")][:2] == ["cifar10", "imagenet1k"]
+    with pytest.raises(ValueError, match="'cifar10' is given twice"):
+        parse_task_spec(f"cifar10,cifar10={tmp_path}")
+
+
+@pytest.mark.parametrize("item", ["../x=DIR", "a/b=DIR", ".hidden=DIR", "=DIR", "x=", "paper26=DIR", "te st=DIR"])
+def test_parse_task_spec_refuses_bad_adhoc_names(item, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--extra-task"):
+        parse_task_spec(item, "--extra-task")
+    assert not any(tmp_path.iterdir())
 
 
 def test_tasks_command_prints_registry(tmp_path, capsys):

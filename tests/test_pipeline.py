@@ -15,10 +15,18 @@ import webdataset as wds
 from caption_mixing import ALT, Mixture, SharedEpoch, choose_caption
 from caption_mixing.long_captions import fit_caption, split_sentences
 from caption_mixing.mixing import PER_SAMPLE
-from caption_mixing.pipeline import build_caption_pipeline, caption_sample_stages, make_loader
+from caption_mixing.pipeline import (
+    DataErrors,
+    EpochBatches,
+    build_caption_pipeline,
+    caption_sample_stages,
+    is_errors_only,
+    iter_batches,
+    make_loader,
+)
 from caption_mixing.schedules import parse_schedule
 from caption_mixing.sidecar import SidecarError, sidecar_path, write_sidecar
-from caption_mixing.stats import summarize_lengths
+from caption_mixing.stats import collect_lengths, summarize_lengths
 from tests.conftest import make_shards
 
 KEYS = [f"{i:09d}" for i in range(20000)]
@@ -55,25 +63,76 @@ def test_corrupt_image_and_undecodable_caption_are_skipped_counted_and_logged(tm
     _rewrite_member(tmp_path / "00001.tar", "000010003.txt", b"caf\xe9 \xff")
     caplog.set_level(logging.WARNING)
     seen, errors = [], Counter()
-    for batch in make_loader(_pipeline(pattern, p=0.0), 0):
+    for _, batch in iter_batches(make_loader(_pipeline(pattern, p=0.0), 0), errors=errors):
         seen += batch["keys"]
-        errors.update(batch["data_errors"])
     assert "000000002" not in seen and len(seen) == 11
-    assert errors == {"corrupt_image": 1, "undecodable_text": 1}
-    assert "000000002" in caplog.text and "00000.tar" in caplog.text
+    assert errors == {"corrupt_image": 1, "bad_bytes": 1}
+    assert "000000002" in caplog.text and "00000.tar" in caplog.text and "000010003" in caplog.text
 
 
-def test_truncated_tar_is_skipped_with_a_warning_and_the_rest_goes_on(tmp_path: Path, caplog) -> None:
+def test_truncated_tar_is_counted_once_named_and_the_rest_goes_on(tmp_path: Path, caplog) -> None:
     pattern, keys = make_shards(tmp_path, n_shards=3, per_shard=6)
     data = (tmp_path / "00001.tar").read_bytes()
-    (tmp_path / "00001.tar").write_bytes(data[: len(data) // 2 + 100])
+    (tmp_path / "00001.tar").write_bytes(data[: len(data) // 2 + 100])  # inside a member of sample 4
     caplog.set_level(logging.WARNING)
     seen, errors = [], Counter()
-    for batch in make_loader(_pipeline(pattern), 0):
+    for _, batch in iter_batches(make_loader(_pipeline(pattern), 0), errors=errors):
         seen += batch["keys"]
-        errors.update(batch["data_errors"])
-    assert {k for k in keys if not k.startswith("00001")} <= set(seen)  # other shards complete
-    assert errors["unreadable_tar"] >= 1 and "skipping unreadable" in caplog.text
+    assert set(seen) == {k for k in keys if not k.startswith("00001")} | {f"00001{i:04d}" for i in range(4)}
+    assert errors == {"truncated_tar": 1}  # once, not once per webdataset layer
+    assert "00001.tar is truncated at byte" in caplog.text and "'000010004'" in caplog.text
+
+
+def test_error_counts_are_exact_across_workers_and_the_dropped_tail(tmp_path: Path) -> None:
+    """Worker 0 reads shards 0 and 2, worker 1 shard 1 (no shuffling). Worker 1's only shard is not a
+    tar, so it makes no batch; worker 0's corrupt image and truncated shard come after its last full
+    batch. Every count still arrives, in errors-only items that ``iter_batches`` hides."""
+    make_shards(tmp_path, n_shards=3, per_shard=6)
+    _rewrite_member(tmp_path / "00000.tar", "000000005.jpg", b"not a jpeg")
+    (tmp_path / "00001.tar").write_bytes(bytes(range(256)) * 8)
+    with tarfile.open(tmp_path / "00002.tar") as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "000020002.jpg").offset_data + 10
+    (tmp_path / "00002.tar").write_bytes((tmp_path / "00002.tar").read_bytes()[:cut])
+    pipe = build_caption_pipeline(
+        str(tmp_path / "{00000..00002}.tar"),
+        mixture=Mixture.from_p(0.5),
+        seed=0,
+        epoch=SharedEpoch(0),
+        image_transform=lambda im: torch.zeros(1),
+        tokenizer=lambda texts: torch.zeros(len(texts), 4, dtype=torch.long),
+        batch_size=4,
+        shuffle_buffer=0,
+        drop_last=True,
+    )
+    items = list(make_loader(pipe, 2))
+    assert sum(is_errors_only(i) for i in items) == 2  # one per worker
+    errors = Counter()
+    batches = [b for _, b in iter_batches(items, errors=errors)]
+    assert [len(b["keys"]) for b in batches] == [4]  # 5 good + 2 complete in shard 2 = 7: one batch, 3 dropped
+    assert errors == {"corrupt_image": 1, "unreadable_tar": 1, "truncated_tar": 1}
+
+
+def test_iter_batches_skips_real_batches_and_their_counts_on_resume() -> None:
+    carrier = {"errors_only": True, "data_errors": {"corrupt_image": 1}}
+    items = [
+        carrier,
+        {"keys": ["a"], "data_errors": {"bad_bytes": 1}},
+        dict(carrier),
+        {"keys": ["b"], "data_errors": {}},
+    ]
+    errors = Counter()
+    assert [(i, b["keys"]) for i, b in iter_batches(items, skip=1, errors=errors)] == [(2, ["b"])]
+    assert errors == {"corrupt_image": 1}  # the first carrier and batch 1 were counted before the checkpoint
+    errors = Counter()
+    assert [i for i, _ in iter_batches(items, errors=errors)] == [1, 2]
+    assert errors == {"corrupt_image": 2, "bad_bytes": 1}
+
+
+def test_epoch_length_counts_real_batches_only() -> None:
+    one_pass = [{"keys": ["a"], "data_errors": {}}, {"errors_only": True, "data_errors": {"no_image": 1}}]
+    items = list(EpochBatches(one_pass, 3))
+    assert [is_errors_only(i) for i in items] == [False, True, False, True, False]  # passes repeat; 3 real
+    assert list(EpochBatches([one_pass[1]], 3)) == [one_pass[1]]  # a pass without batches ends the epoch
 
 
 def test_sidecar_of_a_different_shard_is_detected_by_keys(tmp_path: Path) -> None:
@@ -180,3 +239,14 @@ def test_stats_truncated_share() -> None:
         {"alt": {"words": [3, 4], "tokens": [6, 8]}, "r3": {"words": [80, 90], "tokens": [70, 110]}}, 77
     )
     assert summary["alt"]["truncated_share"] == 0.0 and summary["r3"]["truncated_share"] == 0.5
+
+
+def test_stats_lengths_read_damaged_shards_like_training(tmp_path: Path) -> None:
+    pattern, keys = make_shards(tmp_path, n_shards=2, per_shard=4)
+    data = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[: len(data) // 3])
+    errors = DataErrors()
+    lengths = collect_lengths(pattern, ("alt", "altogether"), lambda t: len(t.split()), None, None, False, errors)
+    assert len(lengths["alt"]["words"]) == 4 + 1  # shard 1: one complete sample before the cut
+    assert lengths["altogether"]["words"][0] == len("a dense synthetic caption of sample 000000000".split())
+    assert errors == {"truncated_tar": 1}

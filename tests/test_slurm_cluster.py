@@ -19,9 +19,13 @@ from typing import Any
 import pytest
 import torch
 
-from caption_mixing.testbed import TestbedConfig, build_testbed
-from experiments import launch
+from experiments import snapshot, submit
+from experiments.job import PointJob, rendezvous_probe
+from experiments.resources import Resources
+from experiments.scheduler import slurm_available, squeue_states
+from experiments.state import read_state
 from experiments.sweep_ratio import main as sweep_main
+from testbed import TestbedConfig, build_testbed
 from tests.conftest import assert_same_t2i_training, t2i_equivalence_overrides, tiny_t2i_world
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +37,7 @@ JOB = ["--cpus-per-task", "1", "--mem-gb", "2", "--time", "20", "--wait", "--wai
 
 
 def _cluster_problem() -> str | None:
-    if not launch.slurm_available():
+    if not slurm_available():
         return "sbatch/srun/squeue are not on PATH"
     proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
     states = proc.stdout.split()
@@ -65,11 +69,11 @@ def fast_args(**extra: Any) -> list[str]:
 
 
 def _queued(job_id: str) -> dict[str, str]:
-    return launch.squeue_states([job_id])
+    return squeue_states([job_id])
 
 
 def _state(run: Path) -> dict[str, Any]:
-    return launch.read_state(run)
+    return read_state(run)
 
 
 def _wait_for(what: str, cond: Callable[[], Any], deadline: float, poll_s: float = 0.2) -> Any:
@@ -178,16 +182,17 @@ def test_preempted_job_checkpoints_at_the_signal_resumes_there_and_stops_after_m
 
 
 def test_two_task_job_gets_distinct_ranks_and_rendezvous(slurm, tmp_path: Path):
-    res = launch.Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5)
-    ex = launch.slurm_executor(tmp_path / "submitit" / "%j", res, max_requeues=0, name="ddp-probe")
-    launch._job_env_path()
-    job = ex.submit(launch.rendezvous_probe, str(tmp_path))
+    res = Resources(tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=5)
+    code = snapshot.take(tmp_path)  # the job imports experiments.job from this copy of the code
+    ex = submit.slurm_executor(tmp_path / "submitit" / "%j", res, max_requeues=0, name="ddp-probe", code=code)
+    job = ex.submit(rendezvous_probe, str(tmp_path))
     _wait_for("the probe job ends", lambda: not _queued(job.job_id), time.monotonic() + 180, poll_s=0.5)
     infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["RANK"] for i in infos] == ["0", "1"] and {i["WORLD_SIZE"] for i in infos} == {"2"}
     assert {i["LOCAL_RANK"] for i in infos} == {"0", "1"}
     assert infos[0]["MASTER_ADDR"] == infos[1]["MASTER_ADDR"] and infos[0]["MASTER_PORT"] == infos[1]["MASTER_PORT"]
     assert all(i["all_reduce_sum"] == 3.0 for i in infos)  # 1 + 2: both tasks joined one gloo group
+    assert {i["code_dir"] for i in infos} == {code.dir}  # the job ran the snapshot, not the checkout
 
 
 def _train_without_random_crops() -> None:
@@ -203,7 +208,7 @@ def _train_without_random_crops() -> None:
     train_mod.create_model = create_without_crops
 
 
-class NoCropPointJob(launch.PointJob):
+class NoCropPointJob(PointJob):
     """The sweep's job with deterministic image preprocessing (pickled by reference: ``tests`` is a package)."""
 
     def __call__(self) -> dict[str, Any]:
@@ -232,7 +237,7 @@ def test_two_task_sweep_point_trains_with_ddp_like_one_process(
 
     common = ["--p", "0.5", "--testbed-dir", testbed_dir, *fast_args(shuffle_buffer=0, eps=1e-3)]
     monkeypatch.setattr(train_mod, "create_model", train_mod.create_model)  # restored after the test
-    monkeypatch.setattr(launch, "PointJob", NoCropPointJob)
+    monkeypatch.setattr(submit, "PointJob", NoCropPointJob)
     assert sweep_main([*common, "--out", str(tmp_path / "one"), "--set", "accum_freq=2"]) == 0  # in-process
     capsys.readouterr()
     slurm_args = ["--launcher", "slurm", "--tasks-per-node", "2", *JOB]

@@ -8,13 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
 from caption_mixing.mixing import Mixture, choose_caption
-from caption_mixing.pipeline import SharedEpoch
+from caption_mixing.pipeline import SharedEpoch, iter_batches
 from t2i.config import load_config
 from t2i.data import build_t2i_pipeline
 from t2i.train import dropped_captions
@@ -62,13 +63,118 @@ def test_batches_use_the_clip_mixing_rule_and_dropout_is_deterministic(world: di
     assert dropped != dropped_captions(many, cfg, epoch=1)
 
 
+@pytest.fixture(scope="module")
+def tokenizer(world: dict):
+    from t2i.components import load_text_encoder
+
+    return load_text_encoder(world["overrides"]["text_encoder"], 64).tokenizer
+
+
+def _samples(cfg, shards: str, epoch: int, tokenizer, num_epochs: int = 1) -> list[tuple[str, str, str]]:
+    """(key, source, caption) of every sample one epoch of ``t2i.train``'s loader yields for ``cfg``."""
+    from t2i.train import DataSpec, training_loader
+
+    data = DataSpec(shards, False, None, None)
+    loader = training_loader(cfg, data, SharedEpoch(epoch), cfg.batch_size, num_epochs, None, tokenizer)
+    return [s for b in loader for s in zip(b["keys"], b["sources"], b["captions"], strict=True)]
+
+
+def test_p_schedule_sets_the_synthetic_share_per_epoch(world: dict, tokenizer) -> None:
+    from t2i.train import DataSpec, run_epochs
+
+    cfg = load_config(
+        "embedded", {**world["overrides"], "p_schedule": "linear:0:1", "dataset_size": 40, "max_steps": 10}
+    )
+    assert run_epochs(cfg, DataSpec(world["pattern"], False, None, None), 10, None) == 2  # 10 steps x 8 / 40
+    first, second = (_samples(cfg, world["pattern"], e, tokenizer, num_epochs=2) for e in (0, 1))
+    assert {src for _, src, _ in first} == {"alt"}  # p(0) = 0
+    share = sum(src == "altogether" for _, src, _ in second) / len(second)
+    assert 0.25 < share < 0.75  # p(1/2) = 0.5 on 40 samples
+    no_size = load_config("embedded", {**world["overrides"], "p_schedule": "linear:0:1"})
+    with pytest.raises(ValueError, match="p_schedule=.* needs the epoch length: pass --set dataset_size=N"):
+        run_epochs(no_size, DataSpec(world["pattern"], False, None, None), 10, None)
+
+
+def test_n_way_captions_draw_every_named_source(world: dict, tokenizer, tmp_path: Path) -> None:
+    from caption_mixing.shards import expand_shards
+    from caption_mixing.sidecar import sidecar_path, write_sidecar
+    from tests.conftest import make_shards
+
+    pattern, keys = make_shards(tmp_path / "mix", n_shards=2, per_shard=20)
+    for shard in expand_shards(pattern):
+        own = [k for k in keys if k.startswith(Path(shard).stem)]
+        write_sidecar(sidecar_path(shard, "scratch"), shard, "scratch", {k: f"scratch caption {k}" for k in own})
+    cfg = load_config("embedded", {**world["overrides"], "captions": "alt=0.4,altogether=0.3,scratch=0.3"})
+    assert cfg.p == pytest.approx(0.6)
+    got = _samples(cfg, pattern, 0, tokenizer)
+    assert {src for _, src, _ in got} == {"alt", "altogether", "scratch"}
+    assert all(cap == f"scratch caption {key}" for key, src, cap in got if src == "scratch")
+
+
+def test_long_captions_are_fitted_to_the_text_context(world: dict, tokenizer, tmp_path: Path) -> None:
+    from caption_mixing.shards import expand_shards
+    from caption_mixing.sidecar import sidecar_path, write_sidecar
+    from t2i.components import token_counter
+    from tests.conftest import make_shards
+
+    pattern, keys = make_shards(tmp_path / "long", n_shards=1, per_shard=16)
+    sentences = [f"Sentence {i} describes a small red bird on sand." for i in range(12)]
+    long = {k: " ".join(sentences) for k in keys}
+    shard = expand_shards(pattern)[0]
+    write_sidecar(sidecar_path(shard, "altogether"), shard, "altogether", long)
+    count = token_counter(tokenizer)
+    assert count(long[keys[0]]) > 64
+    head = _samples(load_config("embedded", {**world["overrides"], "p": 1.0}), pattern, 0, tokenizer)
+    assert all(cap == long[key] for key, _, cap in head)  # head: the text encoder truncates
+    cfg = load_config("embedded", {**world["overrides"], "p": 1.0, "long_captions": "sentences"})
+    fitted = _samples(cfg, pattern, 0, tokenizer)
+    assert len(fitted) == 16
+    for _, _, cap in fitted:  # the longest run of whole leading sentences that fits 64 tokens
+        n = cap.count("Sentence")
+        assert cap == " ".join(sentences[:n]) and count(cap) <= 64 < count(" ".join(sentences[: n + 1]))
+
+
+def test_mix_mode_per_sample_keeps_each_samples_caption_across_epochs(world: dict, tokenizer) -> None:
+    def sources(mode: str, epoch: int) -> dict[str, str]:
+        cfg = load_config("embedded", {**world["overrides"], "p": 0.5, "mix_mode": mode})
+        return {key: src for key, src, _ in _samples(cfg, world["pattern"], epoch, tokenizer)}
+
+    assert sources("per_sample", 0) == sources("per_sample", 1)
+    visit = sources("per_visit", 0), sources("per_visit", 1)
+    assert sum(visit[0][k] != visit[1][k] for k in visit[0]) >= 5  # drawn anew each epoch (the paper)
+
+
+def test_blank_alt_text_follows_the_blank_alt_option(world: dict, tokenizer, tmp_path: Path) -> None:
+    from t2i.train import DataSpec, training_loader
+    from tests.conftest import make_shards
+
+    pattern, keys = make_shards(tmp_path / "blank", n_shards=1, per_shard=16)
+    blank = {keys[1]: b"", keys[5]: b"  \n", keys[9]: b"\t"}
+    _rewrite_members(tmp_path / "blank" / "00000.tar", {f"{k}.txt": v for k, v in blank.items()})
+
+    def epoch(policy: str) -> tuple[dict[str, str], Counter]:
+        cfg = load_config("embedded", {**world["overrides"], "p": 0.0, "blank_alt": policy})
+        loader = training_loader(cfg, DataSpec(pattern, False, None, None), SharedEpoch(0), 1, 1, None, tokenizer)
+        errors: Counter = Counter()
+        got = {}
+        for _, batch in iter_batches(loader, 0, errors):
+            got.update(zip(batch["keys"], batch["sources"], strict=True))
+        return got, errors
+
+    fallback, counted = epoch("fallback")  # p=0 draws alt-text; blank ones take the synthetic caption
+    assert {k for k, src in fallback.items() if src != "alt"} == set(blank) and len(fallback) == 16
+    assert counted == {"blank_alt/fallback/altogether": 3}
+    skipped, counted = epoch("skip")
+    assert set(skipped) == set(keys) - set(blank) and counted == {"blank_alt/skipped": 3}
+
+
 def test_run_point_trains_exports_samples_scores_and_resumes(world: dict, tmp_path: Path) -> None:
     from diffusers import DiffusionPipeline
 
-    from clip_train.checkpoint import latest_checkpoint, load_checkpoint
     from t2i.experiment import resolve, run_dir_for, run_point
     from t2i.sample import PipelineError, check_pipeline_folder
     from t2i.train import train
+    from training.checkpoint import latest_checkpoint, load_checkpoint
 
     cfg = load_config("embedded", {**world["overrides"], "p": 1.0})
     metrics = run_point(cfg, tmp_path / "runs")
@@ -92,17 +198,25 @@ def test_run_point_trains_exports_samples_scores_and_resumes(world: dict, tmp_pa
     assert json.loads((run_dir / "config.json").read_text())["config_hash"]
     assert metrics["clip_score_reference"]["real_images"]["synthetic"] >= 0.0
 
-    # Same folder, more steps: resumes from step 3 instead of starting over; a temp file left by an
-    # interrupted checkpoint write and log records past the checkpoint are ignored / dropped.
+    assert metrics["truncated_prompts"]["judge"] == {"alt": 0, "synthetic": 0} and metrics["data_errors"] == {}
+    assert list((run_dir / "tensorboard").iterdir())  # the shared step log writes TensorBoard events too
+
+    # Same folder, more steps: resumes instead of starting over. A temp file left by an interrupted
+    # checkpoint write is ignored; a truncated newest checkpoint is named and skipped (issue 13 item 10):
+    # training resumes from step 2, and log records past it (steps 3 and a stray 4) are dropped
+    # before being written again (item 11: no duplicated rows).
     (run_dir / "checkpoints" / ".step_00000004.pt.abc.tmp").write_bytes(b"partial")
+    newest = run_dir / "checkpoints" / "step_00000003.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
     with (run_dir / "train_log.jsonl").open("a") as f:
         f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     more = load_config("embedded", {**world["overrides"], "p": 1.0, "max_steps": 5})
     res = resolve(more)
     ckpt = train(more, run_dir, res.data, res.vae, res.text_encoder)
-    assert ckpt.name == "step_00000005.pt"
+    assert ckpt.name == "step_00000005.pt" and load_checkpoint(ckpt)["step"] == 5
     steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+    assert sum(load_checkpoint(ckpt)["mixing"]["used"].values()) == 5 * 8  # counts carried over the resume
 
     broken = tmp_path / "broken"
     shutil.copytree(run_dir / "pipeline", broken)
@@ -153,10 +267,10 @@ def test_train_command_trains_and_exports_without_evaluating(
 def test_signal_saves_at_that_step_and_resume_finishes_and_nan_names_the_last_checkpoint(
     world: dict, tmp_path: Path
 ) -> None:
-    from clip_train.checkpoint import list_checkpoints, load_checkpoint
-    from clip_train.preemption import Preempted
     from t2i.experiment import resolve
     from t2i.train import NonFiniteLossError, train
+    from training.checkpoint import list_checkpoints, load_checkpoint
+    from training.preemption import Preempted
 
     cfg = load_config("embedded", {**world["overrides"], "max_steps": 40, "checkpoint_every": 2, "keep_last": 50})
     res = resolve(cfg)
@@ -235,3 +349,58 @@ def test_precomputed_latents_train_with_sidecar_captions_and_bad_shapes_name_the
     wrong = load_config("embedded", {**world["overrides"], "train_latents": latents, "latent_size": 8, "max_steps": 1})
     with pytest.raises(LatentShapeError, match=r"lat/0000[01]\.tar.*\(8, 4, 4\).*expects \(8, 8, 8\)"):
         train(wrong, tmp_path / "run2", resolve(wrong).data, res.vae, res.text_encoder)
+
+
+def _rewrite_members(shard: Path, new: dict[str, bytes]) -> None:
+    """Replace the named members of a tar shard (same order, same keys)."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            data = new.get(info.name, data)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _damage_shards(root: Path) -> str:
+    """Two shards of 8: a corrupt JPEG in the first, the second cut off in its fifth sample."""
+    import tarfile
+
+    from tests.conftest import make_shards
+
+    pattern, _ = make_shards(root, n_shards=2, per_shard=8)
+    _rewrite_members(root / "00000.tar", {"000000002.jpg": b"not a jpeg"})
+    second = root / "00001.tar"
+    with tarfile.open(second) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "000010004.jpg").offset_data + 10
+    second.write_bytes(second.read_bytes()[:cut])
+    return pattern
+
+
+def test_data_errors_are_counted_exactly_across_workers_and_resume(world: dict, tmp_path: Path) -> None:
+    """Issue 13 item 6 (t2i): every bad sample is counted once per visit, through a loader worker,
+    including the truncation found after the epoch's last batch, and a resume loses nothing."""
+    from t2i.experiment import resolve
+    from t2i.train import train
+    from training.checkpoint import load_checkpoint
+
+    pattern = _damage_shards(tmp_path / "bad")
+    # Epoch 0: 7 + 4 good samples -> one batch of 8 (it carries the corrupt image), then the cut shard's count
+    # arrives after it (an errors-only item); epoch 1 visits the corrupt image again.
+    common = {**world["overrides"], "train_shards": pattern, "workers": 1, "shuffle_buffer": 0, "checkpoint_every": 1}
+    cfg = load_config("embedded", {**common, "max_steps": 2})
+    res = resolve(cfg)
+    whole = load_checkpoint(train(cfg, tmp_path / "whole", res.data, res.vae, res.text_encoder))
+    assert whole["data_errors"] == {"corrupt_image": 2, "truncated_tar": 1} and whole["epoch"] == 1
+
+    first = load_config("embedded", {**common, "max_steps": 1})
+    stopped = load_checkpoint(train(first, tmp_path / "resumed", res.data, res.vae, res.text_encoder))
+    assert stopped["data_errors"] == {"corrupt_image": 1}  # the cut shard comes after the first batch
+    resumed = load_checkpoint(train(cfg, tmp_path / "resumed", res.data, res.vae, res.text_encoder))
+    assert resumed["data_errors"] == whole["data_errors"]
+    assert resumed["mixing"] == whole["mixing"] and torch.equal(
+        resumed["state_dict"]["proj_out.weight"], whole["state_dict"]["proj_out.weight"]
+    )

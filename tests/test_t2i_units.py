@@ -33,6 +33,18 @@ def test_bad_config_keys_and_values_name_the_culprit() -> None:
         load_config("embedded", {"hidden_size": 100, "num_heads": 3})
     with pytest.raises(ValueError, match="--preset"):
         load_config("no-such-preset")
+    with pytest.raises(ValueError, match=r"'steps' is derived .* set max_steps \(or epochs\)"):
+        load_config("embedded", {"steps": -5})
+    # The mixing fields are clip's (caption_mixing.mixconfig), validated by the same function.
+    with pytest.raises(ValueError, match="mix_mode must be"):
+        load_config("embedded", {"mix_mode": "sometimes"})
+    with pytest.raises(ValueError, match="p_schedule"):
+        load_config("embedded", {"p_schedule": "cosine:0:1"})
+    with pytest.raises(ValueError, match="p=1.5 is outside"):
+        load_config("embedded", {"p": 1.5})
+    with pytest.raises(ValueError, match="logger="):
+        load_config("embedded", {"logger": "tensorbored"})
+    assert load_config("embedded", {"captions": "alt=0.6,altogether=0.3,scratch=0.1"}).p == pytest.approx(0.4)
 
 
 def test_dit_xl_2_transformer_size() -> None:
@@ -47,12 +59,14 @@ def test_dit_xl_2_transformer_size() -> None:
 
 
 def _random_clip_checkpoint(path: Path):
-    from clip_train.model import create_model
+    import open_clip
+
+    import testbed.models  # noqa: F401  (registers EmbeddedCLIP-Tiny)
 
     torch.manual_seed(0)
-    model, _, preprocess, tokenizer = create_model("EmbeddedCLIP-Tiny")
+    model, _, preprocess = open_clip.create_model_and_transforms("EmbeddedCLIP-Tiny")
     torch.save({"state_dict": model.state_dict(), "model_name": "EmbeddedCLIP-Tiny"}, path)
-    return model.eval(), preprocess, tokenizer
+    return model.eval(), preprocess, open_clip.get_tokenizer("EmbeddedCLIP-Tiny")
 
 
 def test_open_clip_text_tower_converts_exactly_and_counts_truncation(tmp_path: Path) -> None:
@@ -108,7 +122,28 @@ def test_clipscore_adapter_matches_direct_open_clip(tmp_path: Path) -> None:
     assert via_torchmetrics == pytest.approx(max(direct, 0.0), abs=1e-3)
     per = judge.per_image(images, prompts)
     assert sum(per) / len(per) == pytest.approx(direct, abs=1e-3)
-    assert judge.processor.truncated >= 1  # the 80-word prompt exceeds the 64-token context
+    # The 80-word prompt exceeds the 64-token context: one truncated prompt, however often it was scored
+    # (the pipeline scores each prompt list twice, plus reference images; it was counted per call).
+    assert judge.processor.count_truncated(prompts) == 1
+
+
+def test_judge_loads_a_local_open_clip_checkpoint_and_names_a_wrong_one(tmp_path: Path) -> None:
+    from t2i.components import ComponentError
+    from t2i.evaluate import load_open_clip
+    from training.checkpoint import CheckpointError
+
+    clip, _, tokenizer = _random_clip_checkpoint(tmp_path / "clip.pt")
+    model, preprocess, tok = load_open_clip("EmbeddedCLIP-Tiny", str(tmp_path / "clip.pt"))
+    ids = tok(["a red bird"])
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(ids), clip.encode_text(tokenizer(["a red bird"])))
+    img = preprocess(Image.new("RGB", (80, 50)))
+    assert img.shape == (3, 64, 64)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_open_clip("EmbeddedCLIP-Tiny", str(tmp_path / "bad.pt"))
+    with pytest.raises(ComponentError, match="EmbeddedCLIP-Tiny"):
+        load_open_clip("EmbeddedCLIP-Tiy", str(tmp_path / "clip.pt"))
 
 
 def test_report_layout(tmp_path: Path) -> None:
@@ -149,31 +184,24 @@ def test_report_layout(tmp_path: Path) -> None:
     assert json.loads(paths["json"].read_text())["runs"][0]["p"] == 1.0
 
 
-def test_cpu_threads_leave_a_core_per_loader_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    from t2i.train import cpu_threads
+def test_training_threads_leave_a_core_per_loader_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """t2i trains under training.device.cpu_threads(device, workers) (intra-op threads + workers <= cores)."""
+    from training.device import cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with cpu_threads(load_config("embedded", {"workers": 1, "device": "cpu"})) as n:
+        cfg = load_config("embedded", {"workers": 1, "device": "cpu"})
+        with cpu_threads(cfg.device, cfg.workers) as n:
             assert n == torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # an explicit setting wins
-        with cpu_threads(load_config("embedded", {"workers": 1, "device": "cpu"})) as n:
+        with cpu_threads(cfg.device, cfg.workers) as n:
             assert n == 2
     finally:
         torch.set_num_threads(old)
-
-
-def test_drop_log_after_keeps_records_up_to_the_resumed_step(tmp_path: Path) -> None:
-    from t2i.train import drop_log_after
-
-    log = tmp_path / "train_log.jsonl"
-    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)))
-    drop_log_after(log, 3)
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
 
 
 def test_embedded_components_are_built_once_into_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,15 +218,15 @@ def test_embedded_components_are_built_once_into_place(tmp_path: Path, monkeypat
     )
     calls: list[str] = []
 
-    def fake_clip_train(cfg, run_dir: Path, shards) -> Path:
+    def fake_clip_train(out: Path, cfg, tb, shards) -> Path:
         calls.append("clip")
         assert shards == [str(tmp_path / "00000.tar")]  # the last shard is held out
-        assert run_dir.parent.name.startswith(".t2i-embedded-fp-")  # built aside, not in the final folder
-        run_dir.mkdir(parents=True)
-        (run_dir / "step.pt").write_bytes(b"ckpt")
-        return run_dir / "step.pt"
+        assert out.parent.name.startswith(".t2i-embedded-fp-")  # built aside, not in the final folder
+        out.mkdir(parents=True)
+        (out / "step.pt").write_bytes(b"ckpt")
+        return out / "step.pt"
 
-    monkeypatch.setattr("clip_train.train.train", fake_clip_train)
+    monkeypatch.setattr(emb, "train_embedded_clip", fake_clip_train)
     monkeypatch.setattr(t2i.components, "export_open_clip_text", lambda ckpt, name, out: Path(out).mkdir())
     monkeypatch.setattr(emb, "train_tiny_vae", lambda out, shards, cfg: calls.append("vae") or Path(out).mkdir())
     cfg = load_config("embedded")
@@ -209,6 +237,63 @@ def test_embedded_components_are_built_once_into_place(tmp_path: Path, monkeypat
     assert [p.name for p in tmp_path.glob("*t2i-embedded-*")] == [first.root.name]  # no temp folder left
     other = emb.ensure_embedded_components(load_config("embedded", {"embedded_vae_steps": 10}), testbed)
     assert other.root != first.root and calls == ["clip", "vae", "clip", "vae"]
+
+
+def test_embedded_clip_is_clip_train_run_as_a_child_with_the_same_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m clip_train`` gets the values the in-process call used (so the cached build stays valid),
+    one process whatever launched us, and its failure names the command and exit code."""
+    import sys
+
+    from caption_mixing.presets import parse_overrides
+    from clip_train.config import load_config as clip_config
+    from t2i.embedded import ClipTrainError, clip_train_command, embedded_clip_overrides, run_clip_train
+
+    shards = [str(tmp_path / "a b" / "00000.tar"), str(tmp_path / "00001.tar")]
+    argv = clip_train_command(
+        tmp_path / "out", tmp_path / "tb", embedded_clip_overrides(load_config("embedded"), shards)
+    )
+    assert argv[:3] == [sys.executable, "-m", "clip_train"] and argv[argv.index("--out") + 1] == str(tmp_path / "out")
+    sets = parse_overrides([argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    child = clip_config("embedded", sets)
+    before = clip_config("embedded", {"p": 0.5, "samples_seen": 6400, "batch_size": 64, "seed": 0})  # the old call
+    assert {**child.to_dict(), "train_shards": None} == {**before.to_dict(), "train_shards": None}
+    assert child.train_shards.split("::") == shards
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    probe = "import os, sys; sys.exit(3 if {'RANK', 'SLURM_NTASKS'} & set(os.environ) else 0)"
+    run_clip_train([sys.executable, "-c", probe])  # launcher variables are not handed on
+    with pytest.raises(ClipTrainError, match=r"-m clip_train .*exited with code 2"):
+        run_clip_train(clip_train_command(tmp_path / "out", tmp_path / "tb", {"no_such_key": 1}))
+
+
+def test_pickle_only_weights_are_refused_unless_allowed(tmp_path: Path) -> None:
+    """Issue 13 item 14: components load from safetensors; a .bin-only folder names itself."""
+    from safetensors.torch import load_file
+
+    from t2i.components import ComponentError, export_open_clip_text, load_text_encoder, load_vae
+    from t2i.embedded import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae", safe_serialization=False)
+    assert not list((tmp_path / "vae").glob("*.safetensors"))
+    with pytest.raises(ComponentError, match=r"vae: .*/vae holds only pickle weights \(diffusion_pytorch_model.bin\)"):
+        load_vae(tmp_path / "vae")
+    assert load_vae(tmp_path / "vae", allow_pickle=True).config.latent_channels == 4
+
+    _random_clip_checkpoint(tmp_path / "clip.pt")
+    export_open_clip_text(tmp_path / "clip.pt", "EmbeddedCLIP-Tiny", tmp_path / "text")
+    safe = load_text_encoder(tmp_path / "text", 64)
+    weights = tmp_path / "text" / "text_encoder" / "model.safetensors"
+    torch.save(load_file(weights), weights.with_name("pytorch_model.bin"))
+    weights.unlink()
+    with pytest.raises(ComponentError, match=r"text_encoder: .*text_encoder holds only pickle weights"):
+        load_text_encoder(tmp_path / "text", 64)
+    pickled = load_text_encoder(tmp_path / "text", 64, allow_pickle=True)
+    assert torch.equal(pickled.encode(["a red bird"])[0], safe.encode(["a red bird"])[0])
+    cfg = load_config("embedded", {"allow_pickle_weights": True})
+    assert cfg.allow_pickle_weights
 
 
 def test_multi_process_epochs_need_a_known_size_and_a_shard_per_reader() -> None:

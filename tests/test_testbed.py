@@ -1,4 +1,4 @@
-"""Tests for the synthetic testbed generator (caption_mixing.testbed).
+"""Tests for the synthetic testbed package (testbed) and its tiny open_clip model config (testbed.models).
 
 Everything is built at a tiny size into tmp folders; the numbers here say nothing about CLIP.
 """
@@ -10,6 +10,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -18,8 +20,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+import testbed.cache
+from caption_mixing.__main__ import main as caption_mixing_main
 from caption_mixing.sidecar import read_sidecar, sidecar_path
-from caption_mixing.testbed import (
+from testbed import (
     CATEGORIES,
     CATEGORY_PLURALS,
     COLORS,
@@ -29,12 +33,14 @@ from caption_mixing.testbed import (
     SYNTHETIC_SOURCES,
     Testbed,
     TestbedConfig,
-    add_cli_arguments,
     build_testbed,
-    cli,
     default_testbed_root,
     ensure_testbed,
+    load_testbed,
 )
+from testbed.cli import add_cli_arguments, cli
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = TestbedConfig(num_train=240, shard_size=60, eval_per_class=2, eval_per_class_small=3, num_retrieval=10, seed=0)
 
@@ -320,3 +326,58 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "reusing" in capsys.readouterr().out
     assert cli(parser.parse_args([*argv, "--force"])) == 0
     assert "--force" in capsys.readouterr().out
+
+
+def test_load_testbed_uses_a_built_folder_as_is(
+    built: Testbed, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder with a manifest is used as built, whatever its config; anything else goes to ensure_testbed."""
+    shard = built.root / "train/00000.tar"
+    before = shard.stat().st_mtime_ns
+    assert load_testbed(built.root) == built and load_testbed(str(built.root)) == built
+    assert shard.stat().st_mtime_ns == before and "building" not in capsys.readouterr().out
+    calls: list[object] = []
+    monkeypatch.setattr(testbed.cache, "ensure_testbed", lambda root: calls.append(root) or "ensured")
+    assert load_testbed(None) == "ensured" and load_testbed(built.root / "missing") == "ensured"
+    assert calls == [None, built.root / "missing"]
+
+
+def test_module_entry_points_refuse_a_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m testbed` and `python -m caption_mixing testbed` run the same CLI; errors name the file, exit 2."""
+    (tmp_path / "precious.txt").write_text("keep me")
+    run = subprocess.run(
+        [sys.executable, "-m", "testbed", "--out", str(tmp_path), "--num-train", "10"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "precious.txt" in run.stderr, run.stderr
+    assert caption_mixing_main(["testbed", "--out", str(tmp_path / "tb"), "--num-train", "0"]) == 2
+    assert "num_train" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me" and not (tmp_path / "testbed.json").exists()
+
+
+def _fresh_python(code: str) -> str:
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_import_testbed_models_registers_the_tiny_clip() -> None:
+    out = _fresh_python(
+        "import open_clip\n"
+        "assert 'EmbeddedCLIP-Tiny' not in open_clip.list_models()\n"
+        "import testbed, testbed.models as m\n"
+        "assert m.EMBEDDED_CLIP_MODEL in open_clip.list_models()\n"
+        "assert m.register() == m.register() == ['EmbeddedCLIP-Tiny']\n"
+        "model = open_clip.create_model(m.EMBEDDED_CLIP_MODEL)\n"
+        "print(model.visual.image_size, model.text_projection.shape[1])\n"
+    )
+    assert out.split() == ["64", "128"]
+
+
+def test_eval_knows_the_tiny_clip_without_a_config_dir() -> None:
+    """`python -m eval zeroshot --model EmbeddedCLIP-Tiny` needs no --model-config-dir."""
+    out = _fresh_python("import open_clip, eval.model_loading\nprint('EmbeddedCLIP-Tiny' in open_clip.list_models())")
+    assert out.strip() == "True"

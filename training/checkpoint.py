@@ -7,6 +7,8 @@ loads with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import logging
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 import torch
 
 from caption_mixing.atomic import atomic_write
+
+log = logging.getLogger(__name__)
 
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -45,7 +49,32 @@ def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], step: int, keep_last:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint on the CPU; an unreadable file raises ``CheckpointError`` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as exn:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exn).__name__}: {exn})") from exn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be loaded (truncated, not a torch file, foreign pickle)."""
+
+
+def load_latest(ckpt_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint that loads, with its state; unreadable newer ones are named and skipped.
+
+    A node that died during a copy, or a disk that filled up, can leave a truncated ``step_*.pt``
+    despite the atomic rename (e.g. a file copied in by hand); resuming from the previous good one
+    loses a checkpoint interval instead of the run.
+    """
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exn:
+            log.warning("%s; trying an older checkpoint", exn)
+            continue
+        return path, state
+    return None, None
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], model_name: str, path: Path) -> None:

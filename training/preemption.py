@@ -1,7 +1,7 @@
 """Preemption: turn Slurm's (or a user's) stop signals into a checkpoint at the next step boundary.
 
-Shared by clip_train and t2i. A trainer enters ``PreemptionFlag``, checks ``requested`` after each
-optimizer step (OR-ed over ranks), saves, and raises ``Preempted``; experiments.launch.PointJob
+Shared by clip_train and t2i. A trainer enters ``PreemptionFlag``, checks ``requested`` after
+each optimizer step (OR-ed over ranks), saves, and raises ``Preempted``; experiments.job.PointJob
 then hands the signal on so submitit requeues the job, which resumes from that checkpoint.
 """
 
@@ -36,7 +36,7 @@ class PreemptionFlag:
 
     While active it replaces other handlers of those signals, e.g. submitit's, which would requeue
     at once and lose the steps since the last checkpoint; ``Preempted.signum`` lets the caller
-    hand the signal on once the checkpoint is written (experiments.launch.PointJob does).
+    hand the signal on once the checkpoint is written (experiments.job.PointJob does).
     """
 
     def __init__(self) -> None:
