@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
-
 import open_clip
 
-import testbed.models  # noqa: F401  (registers EmbeddedCLIP-Tiny under open_clip's registry)
-
-
-def check_model_name(name: str) -> None:
-    """Unknown names get the list of valid ones (and the closest matches)."""
-    names = open_clip.list_models()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Valid models: {', '.join(names)}")
+from testbed.models import check_model_name  # importing testbed.models registers EmbeddedCLIP-Tiny
 
 
 def create_model(name: str, device: str = "cpu", pretrained: str | None = None):
     """Return (model, train transform, eval transform, tokenizer) for an open_clip model name."""
-    check_model_name(name)
+    check_model_name(name, "model")
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, device=device
     )

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
 
-import testbed.models  # noqa: F401  (registers the testbed's EmbeddedCLIP-Tiny, so --model needs no config dir)
 from eval.classifier_cache import file_sha256
+from testbed.models import check_model_name  # importing it registers EmbeddedCLIP-Tiny: --model needs no config dir
 
 
 def _raised_while_reading(e: BaseException) -> bool:
@@ -53,14 +52,12 @@ def load_model(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise ValueError(f"--checkpoint {checkpoint}: no such file")
-    known = open_clip.list_models()
-    if model_name not in known:
-        close = difflib.get_close_matches(model_name, known, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"--model {model_name!r} is not an open_clip model config{hint} (open_clip's own and the project's "
-            "EmbeddedCLIP-Tiny are known; for other configs pass --model-config-dir DIR with NAME.json files)"
-        )
+    check_model_name(
+        model_name,
+        "--model",
+        " (open_clip's own and the project's EmbeddedCLIP-Tiny are known; for other configs pass "
+        "--model-config-dir DIR with NAME.json files).",
+    )
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint))
     except torch.OutOfMemoryError:

@@ -188,18 +188,13 @@ def load_text_encoder(
 
 
 def check_open_clip_name(model_name: str) -> None:
-    """An unknown open_clip model name is an error that lists the close ones (``EmbeddedCLIP-Tiny`` is known)."""
-    import difflib
+    """An unknown open_clip model name is a ``ComponentError`` naming the close ones (EmbeddedCLIP-Tiny is known)."""
+    from testbed.models import check_model_name
 
-    import open_clip
-
-    import testbed.models  # noqa: F401  (registers EmbeddedCLIP-Tiny with open_clip)
-
-    names = open_clip.list_models()
-    if model_name not in names:
-        close = difflib.get_close_matches(model_name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ComponentError(f"unknown open_clip model {model_name!r}{hint}")
+    try:
+        check_model_name(model_name, "open_clip model")
+    except ValueError as exn:
+        raise ComponentError(str(exn)) from None
 
 
 class _NoRandomInitWarning(logging.Filter):

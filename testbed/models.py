@@ -8,6 +8,7 @@ another: ``import testbed.models`` makes ``open_clip.create_model("EmbeddedCLIP-
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import open_clip
@@ -29,6 +30,21 @@ def register() -> list[str]:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
         _registered.extend(names)
     return list(_registered)
+
+
+def check_model_name(name: str, what: str = "model", hint: str = "") -> None:
+    """An unknown open_clip model name is an error naming ``what``, the closest known names and all of them.
+
+    Lives here because every part (both applications and evaluation) checks names against
+    open_clip's registry plus the configs registered above.
+    """
+    names = open_clip.list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        guess = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"{what} {name!r} is not an open_clip model config{guess}{hint} Valid models: {', '.join(names)}"
+        )
 
 
 register()

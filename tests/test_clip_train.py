@@ -55,7 +55,7 @@ def test_overrides_and_bad_config_keys() -> None:
 
 
 def test_unknown_model_lists_valid_ones() -> None:
-    with pytest.raises(ValueError, match="Valid models: .*ViT-B-32"):
+    with pytest.raises(ValueError, match="not an open_clip model config; did you mean .*Valid models: .*ViT-B-32"):
         check_model_name("ViT-B-33")
 
 
