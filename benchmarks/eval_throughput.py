@@ -7,10 +7,12 @@ checkpoint (a randomly initialised EmbeddedCLIP-Tiny saved in open_clip format; 
 on the weights), same batch size, workers and precision (fp32, --no_amp). Data: the embedded testbed's eval
 sets. Prints images/s for both and, last, ``ratio_vs_clip_benchmark=X`` (ours / clip_benchmark).
 
-Inside a task both run the same code (clip_benchmark's wds reader, classifier and retrieval ``evaluate``;
-measured in-process they are within ~10%), so X is what one process saves: the interpreter start, the
-torch/open_clip imports and the model load that the CLI repeats per task. X grows with the number of tasks
-and shrinks as tasks get larger; run on a quiet machine for stable numbers.
+Inside a task both run nearly the same code (clip_benchmark's wds reader and retrieval ``evaluate``; the
+class-prompt classifier is ours, which encodes prompts in chunks across classes where clip_benchmark runs
+one forward per class; the tasks are ad-hoc folders, so both score the folders' own prompts), so X is
+mostly what one process saves: the interpreter start, the torch/open_clip imports and the model load that
+the CLI repeats per task. X grows with the number of tasks and shrinks as tasks get larger; run on a quiet
+machine for stable numbers.
 
     python benchmarks/eval_throughput.py [--batch-size 128] [--num-workers 1] [--repeats 1]
 """

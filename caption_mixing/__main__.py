@@ -1,27 +1,53 @@
-"""``python -m caption_mixing {testbed,attach,stats}``: the library's command line (``testbed``: :mod:`testbed.cli`)."""
+"""``python -m caption_mixing {testbed,attach,import,export,stats}``: the library's command line.
+
+``testbed`` is :mod:`testbed.cli`; ``import`` and ``export`` read and write MetaCLIP's caption
+layout (:mod:`caption_mixing.metaclip`). Modules are imported when their command runs, so a data
+command does not pay for the others' imports.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+COMMANDS = (
+    # name, module, the module's argument function, its run function, help
+    ("testbed", "testbed.cli", "add_cli_arguments", None, "build (or reuse) the embedded synthetic testbed"),
+    ("attach", "caption_mixing.attach", "add_cli_arguments", "attach", "join caption sources to shards as sidecars"),
+    (
+        "import",
+        "caption_mixing.attach",
+        "add_import_arguments",
+        "import_",
+        "read MetaCLIP's {shard%%100}/{shard}.json captions into sidecars (attach --format metaclip)",
+    ),
+    (
+        "export",
+        "caption_mixing.metaclip",
+        "add_export_arguments",
+        "main_export",
+        "write a source's sidecars in MetaCLIP's {shard%%100}/{shard}.json layout",
+    ),
+    ("stats", "caption_mixing.stats", "add_cli_arguments", "stats", "caption length per source, words and tokens"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from caption_mixing import attach, stats
-    from testbed import cli as testbed  # the synthetic testbed is its own package; its CLI is offered here too
-
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m caption_mixing", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module, help_text in (
-        ("testbed", testbed, "build (or reuse) the embedded synthetic testbed"),
-        ("attach", attach, "join a synthetic-caption source to shards as per-shard sidecars"),
-        ("stats", stats, "caption length per source, in words and tokens, and the truncated share"),
-    ):
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, module_name, add_args, run, help_text in COMMANDS:
+        if name != chosen:  # only the chosen command's module is imported (help lists them all)
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(module_name)
         sp = sub.add_parser(
             name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )
-        module.add_cli_arguments(sp)
-        sp.set_defaults(run=getattr(module, "cli", None) or getattr(module, name))
+        getattr(module, add_args)(sp)
+        sp.set_defaults(run=getattr(module, run) if run else (getattr(module, "cli", None) or getattr(module, name)))
     args = parser.parse_args(argv)
     try:
         return args.run(args)

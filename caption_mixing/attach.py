@@ -1,20 +1,32 @@
-"""``python -m caption_mixing attach``: join a synthetic-caption source to WebDataset shards.
+"""``python -m caption_mixing attach``: join caption sources to WebDataset shards as sidecars.
 
-Writes one sidecar per shard (``{stem}.{name}.json``, see ``sidecar.py``) next to the shards or
-in ``--sidecar-dir``; never modifies a shard. Captions come from a caption file (JSONL, Parquet,
-CSV; keyed by sample key or by URL) or from the shards themselves (a member ``{key}.{ext}`` or a
-field of ``{key}.json``, as MetaCLIP- and Recap-DataComp-style data carry them).
+Writes one sidecar per shard and source (``{stem}.{source}.json``, see ``sidecar.py``) next to the
+shards or in ``--sidecar-dir`` (local or an fsspec URL); never modifies a shard. Captions come from
+caption files as published (``--format``: DreamLIP, CapsFusion, PixelProse, Recap-DataComp,
+VeCap, DataComp BLIP2, LaCLIP, MetaCLIP, or generic JSONL/Parquet/CSV/TSV/JSON-dict; see
+``releases.py``), joined on the sample key, URL, image SHA-256, DataComp uid or input row
+(``joins.py``), or from the shards themselves (a member ``{key}.{ext}``, a field of
+``{key}.json``, DataCompDR's ``syn.json``). One pass can write several sources (``--columns``); a
+source may hold several variants per image, and numeric columns can come along (``--fields``).
 
 Nothing is replaced until every check passes: new sidecars are written under staging names
-(``.{stem}.{name}.json.staged``, which no reader looks at); when all shards are read, the checks
-run (a sample key in two shards is refused naming both; coverage must reach ``--min-coverage``),
-and only then are the staged files renamed over the sidecars. When a check fails, the staged files
-are deleted and every existing sidecar stays as it was (exit 1, and the message says so).
+(``.{stem}.{source}.json.staged``, which no reader looks at); when all shards are read, the
+checks run (a sample key in two shards is refused naming both; coverage must reach
+``--min-coverage``; a row join must agree with the original captions), and only then are the
+staged files renamed over the sidecars. When a check fails, the staged files are deleted and
+every existing sidecar stays as it was (exit 1, and the message says so).
 
 Resumable: per-shard results go to ``{name}.attach.json`` as shards are staged, and a re-run with
-the same settings (and an unchanged caption file) skips shards whose staged sidecar exists; a
-re-run after a complete attach does nothing. A re-run also finishes renames cut short by a kill,
-and removes temp files that killed writes of this source left behind.
+the same settings (and unchanged caption files) skips shards whose staged sidecars exist; a re-run
+after a complete attach does nothing. A re-run also finishes renames cut short by a kill, and
+removes temp files that killed writes of these sources left behind.
+
+``python -m caption_mixing import`` is ``attach --format metaclip`` with MetaCLIP's words for the
+flags (``--cap-dir``); ``export`` (``metaclip.py``) writes MetaCLIP's layout from sidecars.
+
+The report counts per source: samples matched, missing, empty; the file's records no sample
+matched (extra), repeated join values in the file (and the rule applied) and samples sharing a
+join value; and the synthetic share a p realizes with that coverage (``coverage.py``).
 
 Bad input: a shard that is not a readable tar is an error naming it (exit 1, nothing changed). A
 truncated shard is a warning naming the shard, the byte offset and the sample cut; its complete
@@ -27,57 +39,46 @@ changed), 2 bad arguments such as a ``--name`` that is not a plain name.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sqlite3
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from contextlib import closing
 from pathlib import Path
 
 from tqdm import tqdm
 
-from caption_mixing.atomic import atomic_write_json, remove_stale_temps
+from caption_mixing import storage
+from caption_mixing.atomic import remove_stale_temps
 from caption_mixing.caption_files import CaptionFileError
-from caption_mixing.caption_index import CaptionIndex, DuplicateKeyError, file_fingerprint
-from caption_mixing.paths import check_output_dir, validate_name
-from caption_mixing.shards import UNREADABLE_TAR, ShardReadError, expand_shards, read_tar_samples, split_member
+from caption_mixing.caption_index import CaptionIndex, DuplicateKeyError
+from caption_mixing.coverage import share_table
+from caption_mixing.mixing import parse_p_list
+from caption_mixing.paths import check_output_dir
+from caption_mixing.releases import AttachPlan, plan_from_args
+from caption_mixing.releases import add_cli_arguments as add_plan_arguments
+from caption_mixing.shard_join import AttachError, ShardJoiner, add_entries, join_shards, new_entry
+from caption_mixing.shards import expand_shards, split_member
 from caption_mixing.sidecar import sidecar_path, write_sidecar
 
-__all__ = ["AttachError", "ShardResult", "add_cli_arguments", "attach", "format_report", "split_member"]
+__all__ = ["AttachError", "add_cli_arguments", "attach", "format_report", "split_member"]
 
-REPORT_FORMAT = "caption_mixing.attach/2"
+REPORT_FORMAT = "caption_mixing.attach/3"
 STAGED_SUFFIX = ".staged"
 WARN_LIMIT = 10  # warnings of one kind printed one by one; the report counts them all
 SAVE_EVERY_S = 5.0  # progress report writes while staging (a kill redoes at most this much)
+ROW_MISMATCH_LIMIT = 0.01  # share of checked rows whose original caption may differ before a row join fails
+EXAMPLES = 5
 
 
-class AttachError(ValueError):
-    """A data problem that stops ``attach`` before any sidecar is replaced."""
-
-
-@dataclass
-class ShardResult:
-    samples: int = 0
-    matched: int = 0
-    missing: int = 0
-    empty: int = 0
-    bad_utf8: int = 0  # in-shard captions whose bytes are not UTF-8 (replaced, still used)
-
-    def add(self, other: ShardResult) -> None:
-        for k, v in asdict(other).items():
-            setattr(self, k, getattr(self, k) + v)
-
-    @classmethod
-    def from_entry(cls, entry: dict) -> ShardResult:
-        return cls(**{f.name: entry.get(f.name, 0) for f in fields(cls)})
-
-
-def staged_path(final: Path) -> Path:
+def staged_path(final: storage.Location) -> storage.Location:
     """Where a sidecar waits for the checks: a hidden name beside its final place."""
-    return final.with_name(f".{final.name}{STAGED_SUFFIX}")
+    return storage.join(storage.parent(final), f".{storage.basename(final)}{STAGED_SUFFIX}")
 
 
 class _Warnings:
@@ -94,118 +95,74 @@ class _Warnings:
             print(f"warning: more {kind} problems follow; the report counts them all", file=sys.stderr)
 
 
-def read_shard(shard: str, want: tuple[str, ...], warn: _Warnings) -> tuple[dict[str, dict[str, bytes]], dict | None]:
-    """Keys of a shard (in order) with the bytes of the members whose extension is in ``want``.
-
-    A shard that is not a readable tar is an ``AttachError``; a truncated one is a warning, and its
-    complete samples are returned with the problem (shard, offset, key cut) as a dict.
-    """
-    out: dict[str, dict[str, bytes]] = {}
-    try:
-        for sample in read_tar_samples(shard, want):
-            key = sample["__key__"]
-            if key in out:
-                raise AttachError(f"sample key {key!r} appears twice in shard {shard}; sample keys must be unique")
-            out[key] = {k: v for k, v in sample.items() if not k.startswith("__")}
-    except ShardReadError as e:
-        if e.kind == UNREADABLE_TAR:
-            raise AttachError(str(e)) from None
-        warn("truncated_tar", str(e))
-        return out, e.as_dict()
-    return out, None
-
-
-def _usable(caption: object) -> bool:
-    return isinstance(caption, str) and caption.strip() != ""
-
-
-def _text(raw: bytes, shard: str, key: str, what: str, warn: _Warnings, result: ShardResult) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        result.bad_utf8 += 1
-        warn("bad_utf8", f"{what} of sample {key!r} in shard {shard} is not UTF-8 ({e.reason}); bytes replaced")
-        return raw.decode("utf-8", errors="replace")
-
-
-def _json(entry: dict[str, bytes], shard: str, key: str, warn: _Warnings, result: ShardResult) -> dict:
-    """The sample's ``.json`` member as a dict; unparsable JSON is a warning and counts as absent."""
-    if "json" not in entry:
-        return {}
-    try:
-        doc = json.loads(_text(entry["json"], shard, key, "json", warn, result))
-    except json.JSONDecodeError as e:
-        warn("bad_json", f"{key}.json in shard {shard} is not valid JSON ({e.msg}); the sample has no caption")
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-def captions_from_shard(
-    members: dict[str, dict[str, bytes]],
-    member_ext: str | None,
-    json_field: str | None,
-    shard: str = "",
-    warn: _Warnings | None = None,
-    result: ShardResult | None = None,
-) -> dict[str, object]:
-    """Captions carried by the shard: member ``{key}.{member_ext}`` or field ``json_field`` of ``{key}.json``."""
-    warn = _Warnings() if warn is None else warn
-    result = ShardResult() if result is None else result
-    out: dict[str, object] = {}
-    for key, entry in members.items():
-        if member_ext:
-            if member_ext in entry:
-                out[key] = _text(entry[member_ext], shard, key, member_ext, warn, result)
-        elif "json" in entry:
-            out[key] = _json(entry, shard, key, warn, result).get(json_field)
-    return out
+def _digest(text: str) -> int:
+    """A 64-bit digest of a join value: the registry counts distinct values without storing them."""
+    raw = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(raw, "little", signed=True)
 
 
 class KeyRegistry:
-    """Sample keys of the shards staged so far, in SQLite beside the report (memory stays flat).
+    """Sample keys of the shards staged so far, in SQLite in the work folder (memory stays flat).
 
-    Refuses a key already seen in another shard (naming both), and remembers which caption-file
-    record each sample matched, so ``extra_keys`` counts records no sample matched, exactly.
+    Refuses a key already seen in another shard (naming both), remembers which caption-file
+    record each sample matched (so ``extra_keys`` counts records no sample matched) and the value
+    each sample was joined on (so samples sharing a URL or hash are counted). Join values are kept
+    as 64-bit digests, the record only where it differs from the join value (a normalized URL match).
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, shards: list[str]) -> None:
+        self.path, self.shards = path, shards
+        self.index = {s: i for i, s in enumerate(shards)}
+        self.counted: dict[str, int] = {}  # totals, once every shard is in
         self.conn = sqlite3.connect(path)
         self.conn.execute("PRAGMA synchronous=OFF")
-        table = "CREATE TABLE IF NOT EXISTS keys (key BLOB PRIMARY KEY, shard TEXT, found BLOB) WITHOUT ROWID"
-        self.conn.execute(table)
-        self.conn.execute("CREATE INDEX IF NOT EXISTS by_shard ON keys (shard)")
+        self.conn.execute("PRAGMA cache_size=-16384")
+        columns = "key BLOB PRIMARY KEY, shard INTEGER, matched INTEGER, joined INTEGER, found INTEGER"
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS keys ({columns}) WITHOUT ROWID")
         self.conn.commit()
-
-    @staticmethod
-    def _b(text: str) -> bytes:
-        return text.encode("utf-8", "surrogateescape")  # tar names may hold bytes that are not UTF-8
 
     def keep_only(self, shards: set[str]) -> None:
         """Forget the keys of shards not in ``shards`` (staged before a kill, but not recorded as done)."""
-        stale = [s for (s,) in self.conn.execute("SELECT DISTINCT shard FROM keys") if s not in shards]
+        keep = {self.index[s] for s in shards if s in self.index}
+        stale = [i for (i,) in self.conn.execute("SELECT DISTINCT shard FROM keys") if i not in keep]
         with self.conn:
-            self.conn.executemany("DELETE FROM keys WHERE shard=?", [(s,) for s in stale])
+            self.conn.executemany("DELETE FROM keys WHERE shard=?", [(i,) for i in stale])
 
-    def add(self, shard: str, keys: Iterable[str], found: dict[str, str]) -> None:
-        rows = [(self._b(k), shard, self._b(found[k]) if k in found else None) for k in keys]
+    def add(self, shard: str, keys: Iterable[str], found: dict[str, str], joined: dict[str, str]) -> None:
+        """Record a shard's samples (each shard once per run: ``keep_only`` clears a resumed one's)."""
+        self.counted.clear()
+        n, rows = self.index[shard], []
+        for k in keys:
+            j, f = joined.get(k), found.get(k)
+            other = None if f is None or f == (j or k) else _digest(f)
+            rows.append((k.encode("utf-8", "surrogateescape"), n, f is not None, j and _digest(j), other))
         try:
             with self.conn:
-                self.conn.execute("DELETE FROM keys WHERE shard=?", (shard,))
-                self.conn.executemany("INSERT INTO keys VALUES (?, ?, ?)", rows)
+                self.conn.executemany("INSERT INTO keys VALUES (?, ?, ?, ?, ?)", rows)
         except sqlite3.IntegrityError:
-            for key, _, _ in rows:
+            for key, *_ in rows:
                 other = self.conn.execute("SELECT shard FROM keys WHERE key=?", (key,)).fetchone()
                 if other is not None:
                     name = key.decode("utf-8", "replace")
                     raise AttachError(
-                        f"sample key {name!r} is in two shards: {other[0]} and {shard}; "
+                        f"sample key {name!r} is in two shards: {self.shards[other[0]]} and {shard}; "
                         "sample keys must be unique across shards"
                     ) from None
             raise
 
     def found_distinct(self) -> int:
-        return self.conn.execute("SELECT COUNT(DISTINCT found) FROM keys WHERE found IS NOT NULL").fetchone()[0]
+        """Distinct caption-file records matched (counted once: the report is written several times)."""
+        if "found" not in self.counted:
+            sql = "SELECT COUNT(DISTINCT COALESCE(found, joined, key)) FROM keys WHERE matched"
+            self.counted["found"] = self.conn.execute(sql).fetchone()[0]
+        return self.counted["found"]
+
+    def shared_join_values(self) -> int:
+        """Samples whose join value (URL, hash, uid) another sample already has."""
+        if "joined" not in self.counted:
+            sql = "SELECT COUNT(*) - COUNT(DISTINCT joined) FROM keys WHERE joined IS NOT NULL"
+            self.counted["joined"] = self.conn.execute(sql).fetchone()[0]
+        return self.counted["joined"]
 
     def close(self, delete: bool = False) -> None:
         self.conn.close()
@@ -214,157 +171,242 @@ class KeyRegistry:
                 p.unlink(missing_ok=True)
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    keys = ("shards", "name", "captions", "key_field", "caption_field", "join_on", "from_member", "from_json_field")
-    fingerprint = file_fingerprint(Path(args.captions), args.key_field, args.caption_field) if args.captions else None
-    return {**{k: getattr(args, k) for k in keys}, "sidecar_dir": args.sidecar_dir, "caption_file": fingerprint}
+def _caption_files_fingerprint(plan: AttachPlan) -> list[str] | None:
+    if plan.table is None:
+        return None
+    files = [*plan.table.paths, *([plan.table.original] if plan.table.original else [])]
+    out = []
+    for f in files:
+        st = Path(f).stat()
+        out.append(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    return out
 
 
 class _Attach:
-    """One ``attach`` run: stage every shard's sidecar, check, then install (or discard)."""
+    """One ``attach`` run: stage every shard's sidecars, check, then install (or discard)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.name = validate_name(args.name, "--name")
-        if not 0.0 <= args.min_coverage <= 1.0:
-            raise ValueError(f"--min-coverage: {args.min_coverage} is not a share in [0, 1]")
+        self.plan = plan_from_args(args)
+        self.ps = parse_p_list(args.p, "--p")
         self.shards = expand_shards(args.shards)
-        if args.sidecar_dir:
-            self.folder = check_output_dir(args.sidecar_dir, "--sidecar-dir")
-        else:
-            self.folder = Path(self.shards[0]).parent
-        self.finals = {s: sidecar_path(s, self.name, args.sidecar_dir) for s in self.shards}
-        if len(set(self.finals.values())) < len(self.finals):
-            seen: dict[Path, str] = {}
-            for s, f in self.finals.items():
-                if f in seen:
-                    raise ValueError(f"--shards: {seen[f]} and {s} would share the sidecar {f}; use separate folders")
-                seen[f] = s
-        self.report_path = self.folder / f"{self.name}.attach.json"
-        self.settings = _settings(args)
+        if args.sidecar_dir and not storage.is_url(args.sidecar_dir):
+            check_output_dir(args.sidecar_dir, "--sidecar-dir")
+        self.finals = {
+            (src, s): sidecar_path(s, src, args.sidecar_dir) for s in self.shards for src in self.plan.source_names
+        }
+        seen: dict[str, str] = {}
+        for (_, s), f in self.finals.items():
+            if seen.setdefault(str(f), s) != s:
+                raise ValueError(f"--shards: {seen[str(f)]} and {s} would share the sidecar {f}; use separate folders")
+        first = next(iter(self.finals.values()))
+        self.folder = storage.parent(first)
+        self.report_path = storage.join(self.folder, f"{self.plan.run_name}.attach.json")
+        self.failed_path = storage.join(self.folder, f"{self.plan.run_name}.attach.failed.json")
+        self.installed_report: bytes | None = None  # the report of sidecars in place, restored if this run fails
+        self.work = self._work_dir()
+        settings = {
+            **self.plan.settings(),
+            "shards": args.shards,
+            "sidecar_dir": args.sidecar_dir,
+            "caption_files": _caption_files_fingerprint(self.plan),
+        }
+        self.settings = json.loads(json.dumps(settings))  # as a report read back holds them (lists, not tuples)
         self.warn = _Warnings()
         self.index: CaptionIndex | None = None
         self.registry: KeyRegistry | None = None
+        self.row_examples: list[str] = []
+
+    def _work_dir(self) -> Path:
+        """Where the SQLite files go: the sidecar folder when local, else a folder under the temp dir."""
+        if isinstance(self.folder, Path):
+            return self.folder
+        digest = hashlib.sha1(f"{self.folder}|{self.plan.run_name}".encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "caption_mixing_attach" / digest
+
+    def shards_of(self, shard: str) -> list[storage.Location]:
+        return [self.finals[(src, shard)] for src in self.plan.source_names]
 
     def remove_stale_temps(self) -> int:
-        targets: dict[Path, set[str]] = {self.folder: {self.report_path.name}}
+        targets: dict[Path, set[str]] = {}
+        if isinstance(self.report_path, Path):
+            targets[self.report_path.parent] = {self.report_path.name, storage.basename(self.failed_path)}
         for final in self.finals.values():
-            targets.setdefault(final.parent, set()).update({final.name, staged_path(final).name})
+            if isinstance(final, Path):
+                targets.setdefault(final.parent, set()).update({final.name, storage.basename(staged_path(final))})
         return sum(len(remove_stale_temps(folder, names)) for folder, names in targets.items())
 
     def previous(self) -> dict | None:
         """The report of an earlier run with the same settings (None with ``--force`` or none)."""
-        if self.args.force or not self.report_path.exists():
+        if not storage.exists(self.report_path):
             return None
+        raw = storage.read_bytes(self.report_path)
         try:
-            prev = json.loads(self.report_path.read_text())
-        except json.JSONDecodeError:
+            prev = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if prev.get("state") == "installed":
+            self.installed_report = raw
+        if self.args.force:
             return None
         ok = prev.get("format") == REPORT_FORMAT and prev.get("settings") == self.settings
         return prev if ok and prev.get("state") not in (None, "failed") else None
 
     def resume(self, prev: dict | None) -> dict[str, dict]:
         """Shards already staged (or installed by a run killed while renaming); clears anything else."""
-        keys_path = self.folder / f".{self.name}.keys.sqlite"
+        keys_path = self.work / f".{self.plan.run_name}.keys.sqlite"
         done: dict[str, dict] = {}
         if prev is not None and prev["state"] != "installed":
             renaming = prev["state"] == "installing"
             for shard, entry in prev.get("shards", {}).items():
-                final = self.finals.get(shard)
-                if final is not None and (staged_path(final).exists() or (renaming and final.exists())):
+                if shard not in self.shards:
+                    continue
+                finals = self.shards_of(shard)
+                if all(storage.exists(staged_path(f)) or (renaming and storage.exists(f)) for f in finals):
                     done[shard] = entry
         if not done:
             for final in self.finals.values():
-                staged_path(final).unlink(missing_ok=True)
-            KeyRegistry(keys_path).close(delete=True)
-        self.registry = KeyRegistry(keys_path)
+                storage.unlink(staged_path(final))
+            KeyRegistry(keys_path, self.shards).close(delete=True)
+        self.registry = KeyRegistry(keys_path, self.shards)
         self.registry.keep_only(set(done))
         return done
 
     def open_index(self) -> None:
-        if self.args.captions:
-            a = self.args
-            db = Path(a.index) if a.index else self.folder / f".{self.name}.captions.sqlite"
-            self.index = CaptionIndex.open_or_build(a.captions, db, a.key_field, a.caption_field, not a.quiet)
-            bad = self.index.bad_utf8
-            if bad["count"]:
-                lines = ", ".join(map(str, bad["lines"])) + (", ..." if bad["count"] > len(bad["lines"]) else "")
-                self.warn("bad_utf8", f"{a.captions}: {bad['count']} lines are not UTF-8 (lines {lines}); replaced")
-
-    def match(self, shard: str, members: dict[str, dict[str, bytes]]) -> tuple[ShardResult, dict, dict[str, str]]:
-        """(counts, captions to write, sample key -> caption-file key it matched)."""
-        a, result = self.args, ShardResult(samples=len(members))
-        matched_on: dict[str, str] = {}
-        if self.index is not None:
-            if a.join_on == "url":
-                urls = {k: _json(e, shard, k, self.warn, result).get("url") for k, e in members.items()}
-                by_url = self.index.lookup(u for u in urls.values() if isinstance(u, str))
-                found = {k: by_url[u] for k, u in urls.items() if isinstance(u, str) and u in by_url}
-                matched_on = {k: urls[k] for k in found}
-            else:
-                found = self.index.lookup(members)
-                matched_on = {k: k for k in found}
-        else:
-            found = captions_from_shard(members, a.from_member, a.from_json_field, shard, self.warn, result)
-        captions: dict[str, str] = {}
-        for key in members:
-            if key not in found:
-                result.missing += 1
-            elif not _usable(found[key]):
-                result.empty += 1
-            else:
-                captions[key] = found[key]
-        result.matched = len(captions)
-        return result, captions, matched_on
+        plan, a = self.plan, self.args
+        if plan.table is None:
+            return
+        db = Path(a.index) if a.index else self.work / f".{plan.run_name}.captions.sqlite"
+        self.index = CaptionIndex.open_or_build(
+            None,
+            db,
+            progress=not a.quiet,
+            table=plan.table,
+            normalize=plan.join == "url",
+            duplicates=plan.duplicates,
+        )
+        bad = self.index.bad_utf8
+        for path, (count, lines) in bad.get("files", {}).items():
+            shown = ", ".join(map(str, lines)) + (", ..." if count > len(lines) else "")
+            self.warn("bad_utf8", f"{path}: {count} lines are not UTF-8 (lines {shown}); replaced")
+        skipped = self.index.meta("skipped_rows", {"count": 0, "examples": []})
+        for example in skipped["examples"][:WARN_LIMIT]:
+            self.warn("skipped_row", f"{example}: row skipped")
+        dup = self.index.meta("duplicates", {})
+        if dup.get("conflicting"):
+            shown = "; ".join(dup["examples"][:3])
+            self.warn(
+                "duplicates",
+                f"{dup['conflicting']} records repeat a {plan.join} with a different caption (e.g. {shown}); "
+                f"rule {dup['rule']!r}: " + ("the first is kept" if dup["rule"] == "first" else "none is kept"),
+            )
 
     def stage(self, done: dict[str, dict]) -> None:
-        """Read every shard not yet done and write its sidecar under the staging name."""
-        a = self.args
-        want = ("json",) if (a.join_on == "url" or a.from_json_field) else ()
-        if a.from_member:
-            want = (a.from_member.lower(),)
+        """Join every shard not yet done and write its sidecars under the staging names; the shards
+        are read and joined in reader processes (``--workers``), keys and files handled here."""
         pending = [s for s in self.shards if s not in done]
         last_save = time.monotonic()
-        for shard in tqdm(pending, desc=f"attach {self.name}", unit="shard", disable=a.quiet):
-            members, truncated = read_shard(shard, want, self.warn)
-            result, captions, matched_on = self.match(shard, members)
-            self.registry.add(shard, members, matched_on)
-            write_sidecar(staged_path(self.finals[shard]), shard, self.name, captions)
-            done[shard] = {**asdict(result), "truncated": truncated}
-            if time.monotonic() - last_save > SAVE_EVERY_S:
-                self.write_report(done, "staging", final=False)
-                last_save = time.monotonic()
+        workers = self.args.workers
+        if workers is None:  # other processes read and join when there is enough to do
+            workers = 0 if len(pending) < 8 else max(1, min(4, (os.cpu_count() or 1) - 1))
+        joiner = ShardJoiner(self.plan, None if self.index is None else self.index.db_path)
+        bar = tqdm(pending, desc=f"attach {self.plan.run_name}", unit="shard", disable=self.args.quiet)
+        try:
+            with closing(join_shards(pending, joiner, workers)) as joined_shards:
+                for shard, out in zip(bar, joined_shards, strict=True):
+                    self._record(shard, out, done)
+                    if time.monotonic() - last_save > SAVE_EVERY_S:
+                        self.write_report(done, "staging", final=False)
+                        last_save = time.monotonic()
+        finally:
+            joiner.close()
 
-    def write_report(self, done: dict[str, dict], state: str, final: bool = True) -> dict:
-        total = ShardResult()
+    def _record(self, shard: str, out: dict, done: dict[str, dict]) -> None:
+        """One joined shard: its warnings printed, its keys registered, its sidecars staged."""
+        for kind, message in out["warnings"]:
+            self.warn(kind, message)
+        self.row_examples += out["row_examples"][: max(0, EXAMPLES - len(self.row_examples))]
+        self.registry.add(shard, out["keys"], out["found"], out["joined"])
+        for src in self.plan.source_names:
+            fields = out["fields"] or None
+            write_sidecar(staged_path(self.finals[(src, shard)]), shard, src, out["captions"][src], fields)
+        done[shard] = out["result"]
+
+    def _sources_report(self, total: dict) -> dict:
+        out = {}
+        for src, c in total["sources"].items():
+            coverage = c["matched"] / total["samples"] if total["samples"] else 0.0
+            out[src] = {
+                **c,
+                "coverage": coverage,
+                "variants_per_caption": c["variants"] / c["matched"] if c["matched"] else 0.0,
+                "synthetic_share": share_table({"coverage": coverage}, self.ps),
+            }
+        return out
+
+    def write_report(
+        self, done: dict[str, dict], state: str, final: bool = True, path: storage.Location | None = None
+    ) -> dict:
+        total = new_entry(self.plan)
         for entry in done.values():
-            total.add(ShardResult.from_entry(entry))
+            add_entries(total, entry)
+        sources = self._sources_report(total)
+        worst = sources[min(sources, key=lambda s: (sources[s]["coverage"], s))]
         counted = final and self.index is not None
+        dup = self.index.meta("duplicates") if counted else None
+        extra = len(self.index) - self.registry.found_distinct() if counted else None
+        if self.plan.provider == "metaclip" and final:
+            extra = total.get("extra_records", 0)
         report = {
             "format": REPORT_FORMAT,
             "settings": self.settings,
             "state": state,
             "complete": state == "installed" and len(done) == len(self.shards),
+            "release": self.plan.release,
             "shards_done": len(done),
-            **asdict(total),
-            "coverage": total.matched / total.samples if total.samples else 0.0,
+            "samples": total["samples"],
+            **{k: worst[k] for k in ("matched", "missing", "empty", "coverage")},
+            "sources": sources,
             "caption_records": len(self.index) if counted else None,
-            "extra_keys": len(self.index) - self.registry.found_distinct() if counted else None,
-            "duplicate_keys": 0,  # a duplicate stops the run naming the key (caption file: rows; shards: both)
+            "extra_keys": extra,
+            "duplicate_keys": dup["rows"] if dup else 0,
+            "duplicates": {
+                "file": dup,
+                "samples_sharing_a_join_value": self.registry.shared_join_values() if final else None,
+            },
+            "normalized_matches": total["normalized"],
+            "no_join_value": total["no_join_value"],
+            "row_check": {
+                "checked": total["row_checked"],
+                "mismatched": total["row_mismatch"],
+                "examples": self.row_examples,
+            },
+            "bad_utf8": total["bad_utf8"],
             "caption_file_bad_utf8": self.index.bad_utf8["count"] if counted else None,
+            "skipped_rows": self.index.meta("skipped_rows", {}).get("count") if counted else None,
+            "fields": total["fields"],
             "truncated_shards": [e["truncated"] for e in done.values() if e.get("truncated")],
             "shards": done if state != "failed" else {},
         }
-        atomic_write_json(self.report_path, report)
+        from caption_mixing.atomic import json_safe
+
+        text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
+        storage.write_bytes(self.report_path if path is None else path, text.encode("utf-8"))
         return report
 
     def discard(self, done: dict[str, dict]) -> None:
-        """A failed check: delete the staged sidecars and the key list; existing sidecars stay untouched."""
+        """A failed check: delete the staged sidecars and the key list; existing sidecars stay untouched,
+        and so does the report describing them (this run's goes to ``{name}.attach.failed.json``)."""
         for final in self.finals.values():
-            staged_path(final).unlink(missing_ok=True)
+            storage.unlink(staged_path(final))
         if self.registry is not None:
             self.registry.close(delete=True)
-        self.write_report(done, "failed", final=False)
+            self.registry = None
+        if self.installed_report is None:
+            self.write_report(done, "failed", final=False)
+        else:
+            self.write_report(done, "failed", final=False, path=self.failed_path)
+            storage.write_bytes(self.report_path, self.installed_report)
 
     def close(self) -> None:
         for db in (self.index, self.registry):
@@ -376,37 +418,64 @@ class _Attach:
         self.write_report(done, "installing")
         for final in self.finals.values():
             staged = staged_path(final)
-            if staged.exists():
-                os.replace(staged, final)
+            if storage.exists(staged):
+                storage.replace(staged, final)
         report = self.write_report(done, "installed")
+        storage.unlink(self.failed_path)  # an earlier failure's report no longer describes these sidecars
         self.registry.close(delete=True)
+        self.registry = None
         if self.index is not None and not self.args.keep_index:
             self.index.close()
             self.index.db_path.unlink(missing_ok=True)
+            self.index = None
         return report
 
 
-def _coverage_problem(report: dict, min_coverage: float) -> str | None:
-    if report["coverage"] >= min_coverage:
+def _coverage_problem(name: str, counts: dict, report: dict, min_coverage: float) -> str | None:
+    if counts["coverage"] >= min_coverage:
         return None
-    why = f"{report['missing']} samples without a caption, {report['empty']} with an empty one"
-    if report["matched"] == 0 and report["caption_records"]:
-        if report["missing"] == report["samples"]:
+    why = f"{counts['missing']} samples without a caption, {counts['empty']} with an empty one"
+    if counts["matched"] == 0 and (report["caption_records"] or report["caption_records"] is None):
+        if counts["missing"] == report["samples"]:
             why += "; no caption record matched a sample key: are --key-field and --join-on right for these shards?"
         else:
             why += "; every matched caption is empty"
-    return f"coverage {report['coverage']:.4f} is below --min-coverage {min_coverage} ({why})"
+    prefix = f"{name}: " if len(report["sources"]) > 1 else ""
+    return f"{prefix}coverage {counts['coverage']:.4f} is below --min-coverage {min_coverage} ({why})"
+
+
+def check_report(report: dict, plan: AttachPlan) -> tuple[str | None, list[str]]:
+    """(the problem that stops the attach, or None; notes printed without stopping it)."""
+    notes = []
+    for name, counts in report["sources"].items():
+        problem = _coverage_problem(name, counts, report, plan.min_coverage)
+        if problem is None:
+            continue
+        if plan.coverage_fatal or counts["matched"] == 0:
+            return f"{problem}; re-run with --min-coverage {counts['coverage']:.2f} to accept", notes
+        notes.append(f"{problem}; reported, not fatal for --format {plan.release} (give --min-coverage to enforce)")
+    rows = report["row_check"]
+    if rows["checked"] and rows["mismatched"] > ROW_MISMATCH_LIMIT * rows["checked"]:
+        example = rows["examples"][0] if rows["examples"] else ""
+        return (
+            f"{rows['mismatched']} of {rows['checked']} row-joined samples do not match their row's original caption "
+            f"(e.g. {example}): the input file's order differs from the one the captions are aligned with, or "
+            "--rows-per-shard is not the downloader's number_sample_per_shard"
+        ), notes
+    return None, notes
 
 
 def attach(args: argparse.Namespace) -> int:
     run = _Attach(args)  # bad arguments raise ValueError here, before anything is written
-    run.folder.mkdir(parents=True, exist_ok=True)
+    run.work.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(run.folder)
     removed = run.remove_stale_temps()
     if removed and not args.quiet:
-        print(f"removed {removed} temp files left by killed writes of {run.name}", file=sys.stderr)
+        print(f"removed {removed} temp files left by killed writes of {run.plan.run_name}", file=sys.stderr)
     prev = run.previous()
-    if prev is not None and prev["state"] == "installed" and all(f.exists() for f in run.finals.values()):
-        print(f"all {len(run.shards)} sidecars of {run.name} are in place from an earlier run with these settings")
+    if prev is not None and prev["state"] == "installed" and all(storage.exists(f) for f in run.finals.values()):
+        name = run.plan.run_name
+        print(f"all {len(run.finals)} sidecars of {name} are in place from an earlier run with these settings")
         print(format_report(prev))
         return 0
     done = run.resume(prev)
@@ -417,7 +486,8 @@ def attach(args: argparse.Namespace) -> int:
 
 
 def _stage_check_install(run: _Attach, done: dict[str, dict]) -> int:
-    unchanged = f"nothing was installed: existing {run.name} sidecars are unchanged"
+    names = ", ".join(run.plan.source_names)
+    unchanged = f"nothing was installed: existing {names} sidecars are unchanged"
     try:
         run.open_index()
         run.stage(done)
@@ -427,54 +497,92 @@ def _stage_check_install(run: _Attach, done: dict[str, dict]) -> int:
         print(f"error: {e}; {unchanged}", file=sys.stderr)
         return 1
     print(format_report(report))
-    problem = _coverage_problem(report, run.args.min_coverage)
+    problem, notes = check_report(report, run.plan)
+    for note in notes:
+        print(f"note: {note}")
     if problem is not None:
         run.discard(done)
-        print(f"error: {problem}; {unchanged} (re-run with --min-coverage {report['coverage']:.2f} to accept)")
+        print(f"error: {problem}; {unchanged}")
         return 1
     run.install(done)
     return 0
 
 
 def format_report(report: dict) -> str:
+    """The coverage report: shared counts, then one row per source with the share p realizes."""
+
     def shown(value: object) -> object:
         return "n/a" if value is None else value
 
+    dup = report.get("duplicates", {})
+    file_dup = dup.get("file") or {}
     rows = [
         ("shards", report["shards_done"]),
         ("samples", report["samples"]),
-        ("matched", report["matched"]),
-        ("missing (no caption)", report["missing"]),
-        ("empty captions", report["empty"]),
-        ("extra keys (not in shards)", shown(report["extra_keys"])),
-        ("duplicate keys", report["duplicate_keys"]),
+        ("caption records", shown(report["caption_records"])),
+        ("extra records (in no shard)", shown(report["extra_keys"])),
+        (
+            "repeated join values in the file",
+            f"{file_dup.get('rows', 0)} ({file_dup.get('conflicting', 0)} with another caption; "
+            f"rule: {file_dup.get('rule', 'n/a')})",
+        ),
+        ("samples sharing a join value", f"{shown(dup.get('samples_sharing_a_join_value'))} (each gets the caption)"),
+        ("matched after normalizing", report["normalized_matches"]),
+        ("no join value in the sample", report["no_join_value"]),
+        ("rows checked / not matching", f"{report['row_check']['checked']} / {report['row_check']['mismatched']}"),
         ("not UTF-8 (replaced)", report["bad_utf8"] + (report["caption_file_bad_utf8"] or 0)),
+        ("skipped malformed rows", shown(report["skipped_rows"])),
         ("truncated shards", len(report["truncated_shards"])),
-        ("coverage", f"{report['coverage']:.4f}"),
     ]
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    head = "| source | matched | missing | empty | coverage | variants | synthetic share realized (paper rule) |"
+    lines += ["", head, "|---|---|---|---|---|---|---|"]
+    for src, c in report["sources"].items():
+        shares = ", ".join(
+            f"p={p}: {v['paper']:.4f}"
+            + ("" if v["effective_draw"] is None else f" (effective draws {v['effective_draw']:.4f})")
+            for p, v in c["synthetic_share"].items()
+        )
+        lines.append(
+            f"| {src} | {c['matched']} | {c['missing']} | {c['empty']} | {c['coverage']:.4f} "
+            f"| {c['variants_per_caption']:.2f} | {shares} |"
+        )
+    for name, f in report.get("fields", {}).items():
+        lines.append(f"field {name}: {f['values']} values, {f['bad']} not numbers")
+    return "\n".join(lines)
 
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", required=True, help="brace pattern, e.g. 'data/{00000..01242}.tar'")
-    p.add_argument(
-        "--name", required=True, help="caption source name, e.g. altogether_r3 (sidecar suffix; letters, digits, ._-)"
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--captions", help="caption file: .jsonl, .parquet, .csv or .tsv (optionally .gz)")
-    src.add_argument(
-        "--from-member", metavar="EXT", help="captions inside the shards as {key}.EXT, e.g. altogether.txt"
-    )
-    src.add_argument("--from-json-field", metavar="FIELD", help="captions inside the shards as a field of {key}.json")
-    p.add_argument("--key-field", default="key", help="caption file field holding the sample key (or URL)")
-    p.add_argument("--caption-field", default="caption", help="caption file field holding the caption")
-    p.add_argument(
-        "--join-on", choices=["key", "url"], default="key", help="match on sample key or on the url in {key}.json"
-    )
-    p.add_argument("--sidecar-dir", help="write sidecars here instead of next to the shards")
-    p.add_argument("--min-coverage", type=float, default=0.95, help="fail below this share of samples matched")
+    add_plan_arguments(p)
+    p.add_argument("--sidecar-dir", help="write sidecars here (a folder or an fsspec URL) instead of beside the shards")
+    p.add_argument("--p", default="0.15,0.5,1.0", help="p values whose realized synthetic share the report shows")
     p.add_argument("--index", help="path of the SQLite caption index (default: hidden file in the sidecar folder)")
     p.add_argument("--keep-index", action="store_true", help="keep the caption index after a successful run")
     p.add_argument("--force", action="store_true", help="redo shards already attached")
+    p.add_argument("--workers", type=int, help="processes reading shards ahead (default: up to 4 for 8 shards or more)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", required=True, help="brace pattern of the shards")
+    p.add_argument("--cap-dir", required=True, help="MetaCLIP caption folder ({shard % 100}/{shard}.json)")
+    p.add_argument("--name", required=True, help="caption source name for the sidecars, e.g. altogether")
+    p.add_argument("--member-field", default="altogether", help="field of captioner-style values")
+    p.add_argument("--sidecar-dir", help="write sidecars here instead of beside the shards")
+    p.add_argument("--min-coverage", help="fail below this share of samples matched (default: reported only)")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def import_(args: argparse.Namespace) -> int:
+    """``import``: ``attach --format metaclip`` with MetaCLIP's words for the flags."""
+    argv = ["--shards", args.shards, "--format", "metaclip", "--captions", args.cap_dir, "--name", args.name]
+    argv += ["--member-field", args.member_field]
+    for flag, value in (("--sidecar-dir", args.sidecar_dir), ("--min-coverage", args.min_coverage)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += [f for f, on in (("--force", args.force), ("--quiet", args.quiet)) if on]
+    parser = argparse.ArgumentParser(prog="import")
+    add_cli_arguments(parser)
+    return attach(parser.parse_args(argv))

@@ -1,16 +1,26 @@
-"""A disk-backed index of a caption file (SQLite, from the standard library).
+"""A disk-backed index of caption files (SQLite, from the standard library).
 
 Joining a caption file with ~1,250 (CC-12M) or ~500k (5B corpus) shards must not hold every
-caption in memory: the file is streamed once into SQLite, then each shard looks up only its
-own keys. Duplicate keys are an error naming the key and both rows, and a file without a single
-record is an error saying it is empty. Lines whose bytes are not UTF-8 are indexed (with U+FFFD)
-and remembered (``bad_utf8``) so ``attach`` reports them. The index remembers the file's size and
-mtime, so a resumed ``attach`` reuses it instead of re-reading the file.
+caption in memory: the files are streamed once into SQLite (one row per record: the join value,
+where it came from, one cell per requested column), then each shard looks up only its own
+samples. SQLite's page cache is capped, so memory stays flat for any file size.
+
+Duplicate join values follow a rule (``DUPLICATE_RULES``) and are counted either way:
+``error`` stops naming the value and both rows (the default for sample keys, which must be
+unique); ``first`` keeps the first record (the default for URLs, hashes and uids, which
+releases repeat); ``drop`` keeps none of a value whose records disagree. Identical repeats are
+harmless and only counted. A file without a single record is an error saying it is empty.
+
+For URL joins the index also maps each URL's normalized spelling (``joins.normalize_url``) to it,
+so a lookup that misses on the raw URL retries the normalized one. Bytes that are not UTF-8 are
+indexed (with U+FFFD) and remembered (``bad_utf8``) so ``attach`` reports them. The index keeps a
+fingerprint of the files and settings, so a resumed ``attach`` reuses it instead of re-reading.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -18,23 +28,37 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from caption_mixing.caption_files import CaptionFileError, iter_captions
+from caption_mixing.caption_files import CaptionFileError, Table, detect_format, iter_records
+from caption_mixing.joins import normalize_url
 
 BATCH = 20000
-BAD_LINES_KEPT = 20  # line numbers of bad UTF-8 remembered (all are counted)
+KEPT = 20  # examples of bad lines, skipped rows and duplicates remembered (all are counted)
+DUPLICATE_RULES = ("error", "first", "drop")
+LIST_MARK = "\x00"  # a cell holding a JSON list or object (variants) starts with NUL, which no caption does
 
 
 class DuplicateKeyError(ValueError):
     pass
 
 
+def _fingerprint_part(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise CaptionFileError(f"caption file {p} does not exist")
+    st = p.stat()
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def table_fingerprint(table: Table, normalize: bool, duplicates: str) -> str:
+    """Identifies the files' content and what is read from them; a change means a rebuild."""
+    files = [_fingerprint_part(p) for p in (*table.paths, *([table.original] if table.original else []))]
+    return json.dumps([files, table.fmt, table.key_field, table.columns, normalize, duplicates])
+
+
 def file_fingerprint(path: Path, key_field: str, caption_field: str) -> str:
-    """Identifies a caption file's content and fields; a change means the index must be rebuilt."""
-    path = Path(path)
-    if not path.exists():
-        raise CaptionFileError(f"caption file {path} does not exist")
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{key_field}|{caption_field}"
+    """The fingerprint of one caption file read for one column (kept for callers of the one-file form)."""
+    table = Table((str(path),), detect_format(path, key_field), key_field, (caption_field,))
+    return table_fingerprint(table, False, "error")
 
 
 def _encodable(text: str) -> bool:
@@ -45,17 +69,82 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def to_cell(value: object) -> object:
+    """A caption-file value as an SQLite cell (lists and objects as marked JSON, NaN as NULL)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+    if isinstance(value, (list, tuple, dict)):
+        return LIST_MARK + json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+def from_cell(cell: object) -> object:
+    if isinstance(cell, str) and cell.startswith(LIST_MARK):
+        return json.loads(cell[1:])
+    return cell
+
+
+class _Problems:
+    """Counts and first examples of bad UTF-8, skipped rows and duplicates while indexing."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.bad: dict[str, list] = {}
+        self.bad_count = 0
+        self.skipped: list[str] = []
+        self.skipped_count = 0
+        self.dup = {"rows": 0, "identical": 0, "conflicting": 0, "dropped_keys": 0, "examples": []}
+        self.norm_collisions = 0
+
+    def bad_utf8(self, i: int, row: int) -> None:
+        self.bad_count += 1
+        lines = self.bad.setdefault(self.paths[i], [0, []])
+        lines[0] += 1
+        if len(lines[1]) < KEPT and (not lines[1] or lines[1][-1] != row):
+            lines[1].append(row)
+
+    def skip(self, i: int, line: int, why: str) -> None:
+        self.skipped_count += 1
+        if len(self.skipped) < KEPT:
+            self.skipped.append(f"{self.paths[i]}: line {line} ({why})")
+
+
 class CaptionIndex:
     def __init__(self, db_path: Path) -> None:
         self.db_path = Path(db_path)
         self.conn = sqlite3.connect(self.db_path)
+        self.conn.execute("PRAGMA cache_size=-32768")  # 32 MiB of pages at most: memory stays flat
+        self._meta: dict[str, object] | None = None
 
     @classmethod
     def open_or_build(
-        cls, caption_file: str | Path, db_path: str | Path, key_field: str, caption_field: str, progress: bool = True
+        cls,
+        caption_file: str | Path | None,
+        db_path: str | Path,
+        key_field: str = "key",
+        caption_field: str = "caption",
+        progress: bool = True,
+        *,
+        table: Table | None = None,
+        normalize: bool = False,
+        duplicates: str = "error",
     ) -> CaptionIndex:
-        caption_file, db_path = Path(caption_file), Path(db_path)
-        fp = file_fingerprint(caption_file, key_field, caption_field)
+        """Reuse the index at ``db_path`` if it was built from the same files and settings, else build it.
+
+        ``table`` says what to read; without it, one file's ``key_field`` and ``caption_field``.
+        """
+        if duplicates not in DUPLICATE_RULES:
+            raise ValueError(f"--duplicates: {duplicates!r} is not one of {', '.join(DUPLICATE_RULES)}")
+        if table is None:
+            if not Path(caption_file).exists():
+                raise CaptionFileError(f"caption file {caption_file} does not exist")
+            table = Table((str(caption_file),), detect_format(caption_file, key_field), key_field, (caption_field,))
+        db_path = Path(db_path)
+        fp = table_fingerprint(table, normalize, duplicates)
         if db_path.exists():
             index = cls(db_path)
             try:
@@ -70,7 +159,7 @@ class CaptionIndex:
         tmp.unlink(missing_ok=True)
         index = cls(tmp)
         try:
-            index._load(caption_file, key_field, caption_field, progress)
+            index._load(table, normalize, duplicates, progress)
             index.conn.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (fp,))
             index.conn.commit()
         except BaseException:
@@ -81,64 +170,171 @@ class CaptionIndex:
         os.replace(tmp, db_path)  # complete indexes only
         return cls(db_path)
 
-    def _load(self, caption_file: Path, key_field: str, caption_field: str, progress: bool) -> None:
+    def _load(self, table: Table, normalize: bool, duplicates: str, progress: bool) -> None:
         c = self.conn
+        c.execute("PRAGMA page_size=16384")  # records are stored in the key's b-tree: room for long captions
         c.execute("PRAGMA journal_mode=OFF")
         c.execute("PRAGMA synchronous=OFF")
         c.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
-        c.execute("CREATE TABLE captions (key TEXT PRIMARY KEY, caption TEXT, row INTEGER) WITHOUT ROWID")
-        batch: list[tuple[str, str | None, int]] = []
-        bad_utf8: list[int] = []
+        cells = ", ".join(f"c{i}" for i in range(len(table.value_columns)))
+        table_sql = f"CREATE TABLE captions (key TEXT PRIMARY KEY, file INTEGER, row INTEGER, {cells}) WITHOUT ROWID"
+        c.execute(table_sql)  # one b-tree probe per lookup (a rowid table with a key index takes two)
+        c.execute("CREATE TABLE norm (nkey TEXT PRIMARY KEY, key TEXT) WITHOUT ROWID")
+        c.execute("CREATE TABLE dropped (key TEXT PRIMARY KEY) WITHOUT ROWID")
+        self.table, self.normalize, self.duplicates = table, normalize, duplicates
+        self.problems = _Problems(list(table.paths) + ([table.original] if table.original else []))
+        marks = ", ".join("?" * (3 + len(table.value_columns)))
+        self.insert = f"INSERT{' OR IGNORE' if duplicates != 'error' else ''} INTO captions VALUES ({marks})"
+        batch: list[tuple] = []
         records = 0
-        bar = tqdm(desc=f"indexing {caption_file.name}", unit=" captions", unit_scale=True, disable=not progress)
-        for row, key, caption in iter_captions(caption_file, key_field, caption_field, bad_utf8):
-            batch.append((key, caption if caption is None else str(caption), row))
+        desc = f"indexing {Path(table.paths[0]).name}" + (f" (+{len(table.paths) - 1})" if len(table.paths) > 1 else "")
+        bar = tqdm(desc=desc, unit=" records", unit_scale=True, disable=not progress)
+        for i, row, key, values in iter_records(table, self.problems.bad_utf8, self.problems.skip):
+            batch.append((key, i, row, *map(to_cell, values)))
             records += 1
             if len(batch) >= BATCH:
-                self._insert(batch, caption_file)
+                self._insert(batch)
                 bar.update(len(batch))
                 batch = []
-        self._insert(batch, caption_file)
+        self._insert(batch)
         bar.update(len(batch))
         bar.close()
         if records == 0:
-            raise CaptionFileError(f"caption file {caption_file} is empty: it holds no caption records")
-        bad = {"count": len(bad_utf8), "lines": bad_utf8[:BAD_LINES_KEPT]}
-        c.execute("INSERT INTO meta VALUES ('bad_utf8', ?)", (json.dumps(bad),))
+            where = " and ".join(table.paths)
+            raise CaptionFileError(f"caption file {where} is empty: it holds no caption records")
+        with c:
+            dropped = c.execute("DELETE FROM captions WHERE key IN (SELECT key FROM dropped)").rowcount
+            c.execute("DELETE FROM norm WHERE key IN (SELECT key FROM dropped)")
+        p = self.problems
+        p.dup["dropped_keys"] = dropped
+        meta = {
+            "files": p.paths,
+            "columns": list(table.columns),
+            "normalize": normalize,
+            "bad_utf8": {"count": p.bad_count, "files": p.bad},
+            "skipped_rows": {"count": p.skipped_count, "examples": p.skipped},
+            "duplicates": {"rule": duplicates, **p.dup},
+            "normalized_collisions": p.norm_collisions,
+            "records": records,
+        }
+        c.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
 
-    def _insert(self, batch: list[tuple[str, str | None, int]], caption_file: Path) -> None:
+    def _where(self, file: int, row: int) -> str:
+        return f"row {row}" if len(self.problems.paths) == 1 else f"row {row} of {self.problems.paths[file]}"
+
+    def _insert(self, batch: list[tuple]) -> None:
+        if not batch:
+            return
         try:
             with self.conn:
-                self.conn.executemany("INSERT INTO captions VALUES (?, ?, ?)", batch)
+                inserted = self.conn.executemany(self.insert, batch).rowcount
         except sqlite3.IntegrityError:
-            # The batch was rolled back; insert row by row to name the duplicate precisely.
-            for key, caption, row in batch:
-                try:
-                    self.conn.execute("INSERT INTO captions VALUES (?, ?, ?)", (key, caption, row))
-                except sqlite3.IntegrityError:
-                    first = self.conn.execute("SELECT row FROM captions WHERE key=?", (key,)).fetchone()
+            inserted = None  # rule "error": the batch was rolled back; find the first duplicate
+        if inserted is None:
+            for key, file, row, *_ in batch:
+                first = self.conn.execute("SELECT file, row FROM captions WHERE key=?", (key,)).fetchone()
+                if first is not None and tuple(first) == (file, row):
+                    continue  # kept from the failed batch (no journal, so no rollback)
+                if first is not None:
                     raise DuplicateKeyError(
-                        f"{caption_file}: duplicate key {key!r} on row {row} (first on row {first[0]})"
-                    ) from None
-            raise
+                        f"{self.problems.paths[file]}: duplicate key {key!r} on row {row} "
+                        f"(first on {self._where(*first)})"
+                    )
+                self.conn.execute(self.insert, (key, file, row, *_))
+            raise DuplicateKeyError("duplicate key in the caption file")  # not reached: a duplicate was there
+        if inserted < len(batch):
+            self._duplicates(batch)
+        if self.normalize:
+            self._normalized(batch)
+
+    def _duplicates(self, batch: list[tuple]) -> None:
+        """Count the records of ``batch`` that repeat a key kept earlier, and apply the rule."""
+        dup = self.problems.dup
+        for key, file, row, *values in batch:
+            kept = self.conn.execute("SELECT * FROM captions WHERE key=?", (key,)).fetchone()
+            if kept is None or (kept[1], kept[2]) == (file, row):
+                continue
+            dup["rows"] += 1
+            if list(kept[3:]) == values:
+                dup["identical"] += 1
+                continue
+            dup["conflicting"] += 1
+            if len(dup["examples"]) < KEPT:
+                dup["examples"].append(f"{key!r}: {self._where(kept[1], kept[2])} and {self._where(file, row)}")
+            if self.duplicates == "drop":
+                self.conn.execute("INSERT OR IGNORE INTO dropped VALUES (?)", (key,))
+        self.conn.commit()
+
+    def _normalized(self, batch: list[tuple]) -> None:
+        pairs = []
+        for key, *_ in batch:
+            nkey = normalize_url(key)
+            if nkey != key:
+                pairs.append((nkey, key))
+        if pairs:
+            with self.conn:
+                added = self.conn.executemany("INSERT OR IGNORE INTO norm VALUES (?, ?)", pairs).rowcount
+            self.problems.norm_collisions += len(pairs) - added
+
+    def meta(self, name: str, default: object = None) -> object:
+        if self._meta is None:
+            self._meta = {k: json.loads(v) for k, v in self.conn.execute("SELECT name, value FROM meta")}
+        return self._meta.get(name, default)
 
     def __len__(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
 
     @property
     def bad_utf8(self) -> dict:
-        """``{"count": lines with bytes that are not UTF-8, "lines": the first of their numbers}``."""
-        row = self.conn.execute("SELECT value FROM meta WHERE name='bad_utf8'").fetchone()
-        return json.loads(row[0]) if row else {"count": 0, "lines": []}
+        """``{"count": lines with bytes that are not UTF-8, "files": {file: [count, first line numbers]}}``."""
+        return self.meta("bad_utf8", {"count": 0, "files": {}})
 
-    def lookup(self, keys: Iterable[str]) -> dict[str, str | None]:
-        """Captions for the given keys that are in the index (value may be None or blank)."""
-        keys = [k for k in keys if _encodable(k)]  # a key with undecodable bytes matches no caption
-        out: dict[str, str | None] = {}
+    @staticmethod
+    def _values(row: tuple | list) -> tuple:
+        """The value cells of a ``captions`` row (after key, file, row), lists decoded."""
+        cells = row[3:]
+        if any(isinstance(c, str) and c.startswith(LIST_MARK) for c in cells):
+            return tuple(from_cell(c) for c in cells)
+        return tuple(cells)
+
+    def _select(self, sql: str, keys: list[str]) -> Iterable[tuple]:
         for i in range(0, len(keys), 900):  # SQLite's bound-parameter limit
             chunk = keys[i : i + 900]
-            marks = ",".join("?" * len(chunk))
-            out.update(self.conn.execute(f"SELECT key, caption FROM captions WHERE key IN ({marks})", chunk))
+            try:
+                rows = self.conn.execute(sql.format(marks=",".join("?" * len(chunk))), chunk).fetchall()
+            except UnicodeEncodeError:  # a tar name with bytes that are not UTF-8 matches nothing
+                chunk = [k for k in chunk if _encodable(k)]
+                rows = self.conn.execute(sql.format(marks=",".join("?" * len(chunk))), chunk).fetchall()
+            yield from rows
+
+    def lookup(self, keys: Iterable[str], normalize: bool = False) -> dict[str, tuple[str, tuple]]:
+        """``join value -> (the file's key it matched, values)`` for the values found.
+
+        With ``normalize``, values that miss are retried by their normalized URL.
+        """
+        wanted = list(dict.fromkeys(keys))
+        out: dict[str, tuple[str, tuple]] = {}
+        for row in self._select("SELECT * FROM captions WHERE key IN ({marks})", wanted):
+            out[row[0]] = (row[0], self._values(row))
+        if not normalize:
+            return out
+        missing: dict[str, list[str]] = {}
+        for k in wanted:
+            if k not in out:
+                nk = normalize_url(k)
+                missing.setdefault(nk, []).append(k)
+        found: dict[str, tuple[str, tuple]] = {}
+        nkeys = list(missing)
+        for row in self._select("SELECT * FROM captions WHERE key IN ({marks})", nkeys):
+            found[row[0]] = (row[0], self._values(row))
+        rest = [n for n in nkeys if n not in found]
+        sql = "SELECT n.nkey, c.* FROM norm n JOIN captions c ON c.key = n.key WHERE n.nkey IN ({marks})"
+        for nkey, *row in self._select(sql, rest):
+            found[nkey] = (row[0], self._values(row))
+        for nk, originals in missing.items():
+            if nk in found:
+                for k in originals:
+                    out[k] = found[nk]
         return out
 
     def close(self) -> None:

@@ -5,6 +5,11 @@ number u in [0, 1) and u picks a source by cumulative weight. It therefore does 
 world size, worker count or shuffle order (unlike the MetaCLIP reference, which draws from the
 global RNG), and a resumed run makes the same choices again.
 
+Where a key can be seen more than once in an epoch (resampled shards; a worker repeating its
+shards to fill a fixed-length epoch), each visit draws anew, as MetaCLIP does: the hash also
+takes the visit index (and, for resampled streams, the stream), see ``visit_key``. A first visit
+in a stream whose keys cannot repeat hashes the key alone, so the rule there stays (seed, epoch, key).
+
 A sample whose chosen source has no caption (missing or blank) falls back along the mixture's
 fallback order (alt-text by default); fallbacks are counted, never silent.
 """
@@ -23,6 +28,15 @@ def unit_hash(seed: int, epoch: int, key: str) -> float:
     """Uniform number in [0, 1) from (seed, epoch, key); stable across processes and Python runs."""
     digest = hashlib.blake2b(f"{seed}\x1f{epoch}\x1f{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 18446744073709551616.0  # 2**64
+
+
+def visit_key(key: str, visit: int = 0, stream: str = "") -> str:
+    """What the draws of one visit of a sample hash: the key itself for visit 0 of a stream whose keys
+    cannot repeat (the rule stays (seed, epoch, key)); otherwise the key with the stream and visit index,
+    so every visit of a key is an independent draw (MetaCLIP draws per visit)."""
+    if visit == 0 and not stream:
+        return key
+    return f"{key}\x1e{stream}\x1e{visit}"
 
 
 def parse_p(value: str | float, flag: str = "--p") -> float:
@@ -159,9 +173,30 @@ def _usable(caption: str | None) -> bool:
     return caption is not None and caption.strip() != ""
 
 
-def choose_caption(captions: dict[str, str | None], mixture: Mixture, seed: int, epoch: int, key: str) -> Choice:
-    """Pick the caption of one sample. ``captions`` maps source name -> caption (alt-text under ``alt``)."""
-    wanted = mixture.pick(unit_hash(seed, epoch if mixture.mode == PER_VISIT else 0, key))
+def choose_caption(
+    captions: dict[str, str | None],
+    mixture: Mixture,
+    seed: int,
+    epoch: int,
+    key: str,
+    visit: int = 0,
+    stream: str = "",
+) -> Choice:
+    """Pick the caption of one sample. ``captions`` maps source name -> caption (alt-text under ``alt``).
+
+    ``visit`` counts earlier visits of ``key`` in this epoch and ``stream`` names a resampled stream
+    (``visit_key``); ``per_sample`` mode ignores epoch, visit and stream (one choice for the run).
+    """
+    if mixture.mode == PER_VISIT:
+        u = unit_hash(seed, epoch, visit_key(key, visit, stream))
+    else:
+        u = unit_hash(seed, 0, key)
+    return resolve_choice(captions, mixture, mixture.pick(u))
+
+
+def resolve_choice(captions: dict[str, str | None], mixture: Mixture, wanted: str) -> Choice:
+    """The caption of the ``wanted`` source, else the first usable one along the mixture's fallback
+    order (counted as a fallback); shared by the random draw and the score gate (``caption_mixing.gate``)."""
     if _usable(captions.get(wanted)):
         return Choice(captions[wanted], wanted, wanted)
     for name in mixture.fallback:
@@ -208,3 +243,84 @@ class MixStats:
             "realized": self.realized(),
             "realized_synthetic_ratio": self.realized_synthetic_ratio(),
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources with several captions per image, and coverage-aware p (attach of published sets)
+# ---------------------------------------------------------------------------------------------
+
+PAPER, EFFECTIVE = "paper", "effective"
+P_MODES = (PAPER, EFFECTIVE)  # p_mode: the paper's draw, or one raised so the realized share is p
+
+
+def check_p_mode(p_mode: str) -> str:
+    """The mode if it is one of ``P_MODES``; else an error naming ``p_mode``."""
+    if p_mode not in P_MODES:
+        raise ValueError(f"p_mode: {p_mode!r} is not one of {', '.join(P_MODES)}")
+    return p_mode
+
+
+def pick_variant(
+    caption: str | list[str] | None, source: str, seed: int, epoch: int, key: str, visit: int = 0, stream: str = ""
+) -> str | None:
+    """One caption of a source that holds several per image (LaCLIP's rewrites, DataCompDR's 5),
+    drawn uniformly among the non-blank ones from the same (seed, epoch, key, visit, stream) as the
+    source choice, hashed apart from it and per source; ``None`` when none is usable."""
+    if caption is None or isinstance(caption, str):
+        return caption
+    usable = [c for c in caption if isinstance(c, str) and c.strip()]
+    if len(usable) <= 1:
+        return usable[0] if usable else None
+    u = unit_hash(seed, epoch, f"{visit_key(key, visit, stream)}\x1fvariant\x1f{source}")
+    return usable[min(int(u * len(usable)), len(usable) - 1)]
+
+
+def resolve_variants(
+    captions: dict[str, str | list[str] | None],
+    mixture: Mixture,
+    seed: int,
+    epoch: int,
+    key: str,
+    visit: int = 0,
+    stream: str = "",
+) -> dict[str, str | None]:
+    """``captions`` with each list of variants replaced by the one drawn for this visit (call before
+    ``choose_caption``); ``per_sample`` mode draws once for the run, as it does for the source."""
+    if all(not isinstance(c, list) for c in captions.values()):
+        return captions  # type: ignore[return-value]
+    if mixture.mode != PER_VISIT:
+        epoch, visit, stream = 0, 0, ""
+    return {s: pick_variant(c, s, seed, epoch, key, visit, stream) for s, c in captions.items()}
+
+
+def effective_mixture(mixture: Mixture, coverage: dict[str, float]) -> tuple[Mixture, str | None]:
+    """The mixture whose realized shares are the given weights, where coverage allows.
+
+    Under the paper's rule a synthetic source of weight w and coverage c (share of samples with a
+    usable caption) is used for w x c of the samples: the rest fall back to alt-text. Drawing it
+    at w / c instead realizes w. When the raised weights sum past 1 they cannot all be met: every
+    sample then draws a synthetic source (weights in proportion to w / c, alt-text 0) and the
+    message says what share that realizes. Sources without a coverage keep their weight.
+    """
+    synthetic = [(n, w) for n, w in mixture.weights if n != ALT]
+    target = sum(w for _, w in synthetic)
+    raised = {n: (w / coverage[n] if w > 0 and coverage.get(n, 0) > 0 else w) for n, w in synthetic}
+    empty = [n for n, w in synthetic if w > 0 and coverage.get(n, 1.0) <= 0]
+    total = sum(raised.values())
+    message = None
+    if total > 1.0 + 1e-12:
+        raised = {n: v / total for n, v in raised.items()}
+        total = 1.0
+        reach = sum(v * coverage.get(n, 1.0) for n, v in raised.items())
+        shown = ", ".join(f"{n} {coverage.get(n, 1.0):.4f}" for n, _ in synthetic)
+        message = (
+            f"p_mode=effective cannot realize a synthetic share of {target:.4g}: with coverage {shown} the most "
+            f"it reaches is {reach:.4g} (every sample now draws a synthetic caption)"
+        )
+    if empty:
+        note = f"p_mode=effective: source(s) {', '.join(empty)} have no captions for these shards (coverage 0)"
+        message = note if message is None else f"{message}; {note}"
+    weights = tuple((n, max(0.0, 1.0 - total) if n == ALT else raised[n]) for n, _ in mixture.weights)
+    if ALT not in dict(mixture.weights) and total < 1.0 - 1e-9:
+        weights = ((ALT, 1.0 - total), *weights)
+    return Mixture(weights, mixture.fallback, mixture.mode), message

@@ -2,7 +2,9 @@
 
 Shows how much of each source a text tower with a given context (77 tokens for CLIP) truncates,
 which decides whether a long-caption policy matters for a corpus. Damaged shards and alt-text
-that is not UTF-8 are counted like in training and reported after the table.
+that is not UTF-8 are counted like in training and reported after the table. A source with
+several variants per image (LaCLIP, DataCompDR) counts every variant. Shards and sidecars may be
+remote (``pipe:`` or fsspec URLs, ``--sidecar-dir s3://...``), read as training reads them.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def collect_lengths(
     for sample in tqdm(itertools.islice(pipe, max_samples), desc="captions", unit=" samples", disable=not progress):
         for source in sources:
             caption = sample["captions"].get(source)
-            if caption and caption.strip():
-                lengths[source]["words"].append(len(caption.split()))
-                lengths[source]["tokens"].append(count_tokens(caption))
+            for text in caption if isinstance(caption, list) else [caption]:  # every variant counts
+                if isinstance(text, str) and text.strip():
+                    lengths[source]["words"].append(len(text.split()))
+                    lengths[source]["tokens"].append(count_tokens(text))
     return lengths
 
 
@@ -140,11 +143,11 @@ def stats(args: argparse.Namespace) -> int:
 
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", required=True, help="brace pattern of the shards")
+    p.add_argument("--shards", required=True, help="brace pattern of the shards (paths, pipe: or fsspec URLs)")
     p.add_argument("--sources", default="alt,altogether", help="caption sources; 'alt' is the alt-text")
     p.add_argument("--model", default="ViT-B-32", help="open_clip model whose tokenizer counts tokens")
     p.add_argument("--context-length", type=int, default=None, help="text context (default: the tokenizer's)")
-    p.add_argument("--sidecar-dir", help="where the sidecars are (default: next to the shards)")
+    p.add_argument("--sidecar-dir", help="where the sidecars are, a folder or fsspec URL (default: next to the shards)")
     p.add_argument("--max-samples", type=int, default=None, help="look at the first N samples only")
     p.add_argument("--out", help="folder for caption_stats.json and caption_lengths.png")
     p.add_argument("--quiet", action="store_true")

@@ -20,6 +20,8 @@ __all__ = ["ClipTrainConfig", "list_presets", "load_config", "parse_overrides", 
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRECISIONS = ("fp32", "amp_bf16", "amp")
+TEXT_MODES = ("mixed", "both")  # mixed: one caption per image (mix_mode's rule); both: alt-text AND synthetic
+BOTH_LOSSES = ("both_mean", "multi_positive")  # text_mode=both: clip_train.step.BothCaptionsLoss
 LOGGERS = ("tensorboard", "wandb", "none")
 
 
@@ -69,6 +71,10 @@ class ClipTrainConfig(MixingFields):
     eval_every: int = 0  # steps between quick zero-shot evals; 0 = off
     quick_eval_tasks: str | None = None  # comma list of names among eval_tasks; None = all of them
     preset: str | None = None
+    # text_mode=both: each image trains on its alt-text and a synthetic caption in the same step, weighted
+    # 1 - p and p (p is then the synthetic caption's weight, not a share of samples); both_loss picks the loss.
+    text_mode: str = "mixed"
+    both_loss: str = "both_mean"
 
     @property
     def steps(self) -> int:
@@ -125,5 +131,16 @@ def validate(cfg: ClipTrainConfig) -> None:
         raise ValueError(f"logger: {bad[0]!r} is not one of {', '.join(LOGGERS)}")
     if cfg.quick_eval_tasks is not None and not cfg.eval_tasks:
         raise ValueError("quick_eval_tasks is set but eval_tasks is empty: name the tasks in eval_tasks")
+    if cfg.text_mode not in TEXT_MODES:
+        raise ValueError(f"text_mode must be one of {', '.join(TEXT_MODES)}, got {cfg.text_mode!r}")
+    if cfg.both_loss not in BOTH_LOSSES:
+        raise ValueError(f"both_loss must be one of {', '.join(BOTH_LOSSES)}, got {cfg.both_loss!r}")
+    if cfg.text_mode == "both":
+        if cfg.accum_freq != 1:
+            raise ValueError(f"text_mode=both supports accum_freq=1 only (got accum_freq={cfg.accum_freq})")
+        if cfg.mix_mode == "gate" or cfg.p_mode != "paper" or cfg.p_schedule is not None:
+            raise ValueError(
+                "text_mode=both weights both captions by p: it takes no mix_mode=gate, p_mode or p_schedule"
+            )
     if cfg.train_shards is None:
         raise ValueError("train_shards is not set: pass --set train_shards='/data/cc12m/{00000..01242}.tar'")

@@ -102,6 +102,9 @@ def build_loader(
         num_epochs=num_epochs,
         long_captions=mix.long_captions,
         blank_alt=mix.blank_alt,
+        p_mode=mix.p_mode,
+        gate=mix.gate,
+        pair_texts=cfg.text_mode == "both",
         seed=cfg.seed,
         epoch=epoch,
         image_transform=image_transform,
@@ -116,8 +119,10 @@ def build_loader(
 
 
 def to_device(batch: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, token ids) of a batch on the training device."""
-    return batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True)
+    """(images, token ids) of a batch on the training device; with ``text_mode: both`` the token ids are the
+    B alt-texts then the B synthetic captions (2B rows: ``clip_train.step.BothCaptionsLoss`` splits them)."""
+    texts = batch["texts"] if "texts_pair" not in batch else torch.cat([batch["texts"], batch["texts_pair"]])
+    return batch["images"].to(device, non_blocking=True), texts.to(device, non_blocking=True)
 
 
 def check_epoch_end(env: DistEnv, last: int, plan: EpochPlan, shards: str, epoch: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from caption_mixing.mixconfig import mode_tag
 from clip_train.config import ClipTrainConfig
 from clip_train.evaluation import EMBEDDED, EvalPlan, check, eval_plan, run_eval
 from clip_train.train import train
@@ -46,8 +47,10 @@ def resolve_data(cfg: ClipTrainConfig, testbed_dir: str | None = None) -> Data:
 
 
 def run_dir_for(out: Path, cfg: ClipTrainConfig) -> Path:
-    """``OUT/clip-<preset>-p<p>``."""
-    return rundir.run_dir_for(out, TASK, cfg.preset, cfg.p)
+    """``OUT/clip-<preset>-p<p>[-<mode>][-s<seed>]``: the mode (``mixconfig.mode_tag``: gate, both, ...; none for
+    the paper's random draw) and seed (none for seed 0: ``training.rundir.seed_label``) tell runs of one p apart."""
+    label = "-".join(x for x in (mode_tag(cfg), rundir.seed_label(cfg.seed)) if x) or None
+    return rundir.run_dir_for(out, TASK, cfg.preset, cfg.p, label=label)
 
 
 class ClipApp:

@@ -50,7 +50,65 @@ def make_autocast(precision: str, device: str) -> contextlib.AbstractContextMana
     return torch.autocast(device.split(":")[0], dtype=dtype)
 
 
-def make_loss(cfg: ClipTrainConfig, env: DistEnv) -> open_clip.ClipLoss:
+class BothCaptionsLoss(torch.nn.Module):
+    """``text_mode: both``: the text features are the B alt-texts then the B synthetic captions of the
+    B images (``clip_train.data.to_device``); ``w`` (the config's p) weights the synthetic side.
+
+    - ``both_mean``: (1 - w) * ClipLoss(images, alt) + w * ClipLoss(images, synthetic).
+    - ``multi_positive``: one softmax over all 2N texts of the global batch (N images over all ranks);
+      image i's targets are its alt-text (weight 1 - w) and its synthetic caption (weight w):
+      L_img = -mean_i[(1 - w) log P(alt_i | i) + w log P(syn_i | i)];
+      each text's positive is its image among all N: L_txt = (1 - w) CE(alt -> images) + w CE(syn -> images);
+      loss = (L_img + L_txt) / 2. Texts and images are gathered from every rank as ClipLoss does
+      (``local_loss``: this rank's rows against all columns; ``gather_with_grad`` as configured).
+    """
+
+    def __init__(self, w: float, kind: str, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int):
+        super().__init__()
+        self.w, self.kind = float(w), kind
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        self.rank, self.world_size = rank, world_size
+        self.clip = open_clip.ClipLoss(local_loss, gather_with_grad, False, rank, world_size)
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor):
+        b = image_features.shape[0]
+        if text_features.shape[0] != 2 * b:
+            raise ValueError(
+                f"text_mode=both: expected 2 x {b} texts (alt then synthetic), got {text_features.shape[0]}"
+            )
+        alt, syn = text_features[:b], text_features[b:]
+        if self.kind == "both_mean":
+            return (1 - self.w) * self.clip(image_features, alt, logit_scale) + self.w * self.clip(
+                image_features, syn, logit_scale
+            )
+        return self._multi_positive(image_features, alt, syn, logit_scale)
+
+    def _multi_positive(self, img: torch.Tensor, alt: torch.Tensor, syn: torch.Tensor, scale: torch.Tensor):
+        from open_clip.loss import gather_features
+
+        all_img, all_alt, all_syn = img, alt, syn
+        if self.world_size > 1:
+            args = dict(local_loss=self.local_loss, gather_with_grad=self.gather_with_grad)
+            all_img, all_alt = gather_features(img, alt, rank=self.rank, world_size=self.world_size, **args)
+            all_syn = gather_features(syn, syn, rank=self.rank, world_size=self.world_size, **args)[0]
+        local = self.world_size == 1 or self.local_loss
+        q_img, q_alt, q_syn = (img, alt, syn) if local else (all_img, all_alt, all_syn)
+        n = all_img.shape[0]
+        idx = torch.arange(q_img.shape[0], device=img.device) + (
+            self.rank * img.shape[0] if local and self.world_size > 1 else 0
+        )
+        logp = torch.log_softmax(scale * q_img @ torch.cat([all_alt, all_syn]).T, dim=1)
+        rows = torch.arange(q_img.shape[0], device=img.device)
+        loss_img = -((1 - self.w) * logp[rows, idx] + self.w * logp[rows, n + idx]).mean()
+        ce = torch.nn.functional.cross_entropy
+        loss_txt = (1 - self.w) * ce(scale * q_alt @ all_img.T, idx) + self.w * ce(scale * q_syn @ all_img.T, idx)
+        return (loss_img + loss_txt) / 2
+
+
+def make_loss(cfg: ClipTrainConfig, env: DistEnv) -> torch.nn.Module:
+    """open_clip's ClipLoss, or ``BothCaptionsLoss`` for ``text_mode: both`` (weight p on the synthetic side)."""
+    if cfg.text_mode == "both":
+        return BothCaptionsLoss(cfg.p, cfg.both_loss, cfg.local_loss, cfg.gather_with_grad, env.rank, env.world_size)
     return open_clip.ClipLoss(
         local_loss=cfg.local_loss,
         gather_with_grad=cfg.gather_with_grad,

@@ -8,10 +8,11 @@ the training sweep write. ``eval.report`` / ``eval.paper_report`` read those fil
 ``python -m eval --help`` lists the commands.
 
 Modules: tasks (registry, groups, spec parser), locate (where a task's data is), wds_folder (folder
-layout checks), prompts (class names and templates), zeroshot (scoring one task), metrics (top-k and
-the paper's metrics from logits), runner (the suite), results (summaries, metrics.json), preflight,
-classifier_cache, model_loading, report / paper_report, prepare / wds_writer / video (dataset
-conversion), cb_launcher (clip_benchmark's CLI with the numpy fix).
+layout checks), prompts (class names and templates: MetaCLIP's clipeval lists by default, or
+clip_benchmark's), zeroshot (scoring one classification or retrieval task), association (WinoGAViL as
+DataComp scores it), metrics (top-k and the paper's metrics from logits), runner (the suite), results
+(summaries, metrics.json), preflight, classifier_cache, model_loading, report / paper_report, prepare /
+wds_writer / video (dataset conversion), cb_launcher (clip_benchmark's CLI with the numpy fix).
 """
 
 from eval.preflight import check_tasks

@@ -1,4 +1,4 @@
-"""``python -m eval {tasks,prepare,zeroshot,report}``: the evaluation suite's command line."""
+"""``python -m eval {tasks,prepare,zeroshot,report,score,modes}``: the evaluation suite's command line."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from eval.tasks import format_registry
 
-    print(format_registry(args.dataset_root))
+    print(format_registry(args.dataset_root, args.prompts))
     return 0
 
 
@@ -54,7 +54,10 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     cache_dir = check_output_dir(args.cache_dir, "--cache-dir") if args.cache_dir else out / "classifier_cache"
     if not Path(args.dataset_root).is_dir():
         raise ValueError(f"--dataset-root {args.dataset_root}: not a folder")
-    for problem in check_tasks(tasks, args.dataset_root, keep_going=args.keep_going, download=args.download):
+    checked = check_tasks(
+        tasks, args.dataset_root, keep_going=args.keep_going, download=args.download, prompts=args.prompts
+    )
+    for problem in checked:
         print(f"warning: {problem}", file=sys.stderr)  # only with --keep-going; otherwise it raised
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, preprocess, model_id = load_model(
@@ -75,6 +78,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         download=args.download,
         keep_going=args.keep_going,
+        prompts=args.prompts,
     )
     meta = {
         "model": args.model,
@@ -83,6 +87,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
         "dataset_root": str(args.dataset_root),
         "device": device,
         "precision": precision,
+        "prompts": args.prompts,
     }
     atomic_write_json(out / "summary.json", {**meta, **res["summary"]})  # strict JSON: NaN -> null
     if args.p is not None:
@@ -120,16 +125,73 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from eval.score import run_score_cli
+
+    print(json.dumps(run_score_cli(args)))
+    return 0
+
+
+def _cmd_modes(args: argparse.Namespace) -> int:
+    from eval.report import load_run, write_mode_report
+
+    root = Path(args.runs_dir)
+    runs = [load_run(d) for d in sorted(root.iterdir()) if (d / "metrics.json").is_file()] if root.is_dir() else []
+    if not runs:
+        raise ValueError(f"{args.runs_dir}: no run folders with metrics.json")
+    out = check_output_dir(args.out, "--out") if args.out else root / "report"
+    for kind, path in write_mode_report(runs, out, title=args.title, notice=args.notice).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _score_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="per-sample image-text cosine of an open_clip model, for mix_mode=gate")
+    p.add_argument("--shards", required=True, help="brace pattern of WebDataset shards ('::' joins patterns)")
+    p.add_argument("--sources", default="alt", help="comma list of caption sources to score (alt = the .txt)")
+    p.add_argument("--model", required=True, help="open_clip model name of the scorer")
+    p.add_argument("--checkpoint", required=True, help="the scorer's checkpoint (never the gated run's own model)")
+    p.add_argument("--model-config-dir", default=None, help="folder of extra open_clip model config JSONs")
+    p.add_argument("--sidecar-dir", default=None, help="where the caption sidecars are (default: beside the shards)")
+    p.add_argument("--out", default=None, help="where score sidecars go (default: beside the shards)")
+    p.add_argument("--name", default="clip_score", help="field name; sidecars are <stem>.<name>_<source>.json")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("modes", help="mixing modes (random, gate, both) at equal p: modes.md and modes_vs_p.png")
+    p.add_argument("runs_dir", help="folder of run folders, each with metrics.json (labels name the mode)")
+    p.add_argument("--out", default=None, help="default RUNS_DIR/report")
+    p.add_argument("--title", default="Mixing modes at equal p")
+    p.add_argument("--notice", default=None, help="a line printed under the title (e.g. 'testbed numbers')")
+    p.set_defaults(func=_cmd_modes)
+
+
+def _prompts_flag(p: argparse.ArgumentParser) -> None:
+    from eval.prompts import PROMPT_SOURCES
+
+    p.add_argument(
+        "--prompts",
+        choices=PROMPT_SOURCES,
+        default=PROMPT_SOURCES[0],
+        help="class names and templates: metaclip (MetaCLIP's clipeval, the paper's; default) or clip_benchmark "
+        "(the data folder's files, then clip_benchmark's lists: compare with numbers published through it)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tasks", help="print the task registry: name, metric, split, where data is looked for")
+    p = sub.add_parser(
+        "tasks", help="print the task registry: metric, split, expected count, prompts, where data is looked for"
+    )
     p.add_argument("--dataset-root", default=None, help="show paths under this root")
+    _prompts_flag(p)
     p.set_defaults(func=_cmd_tasks)
 
-    p = sub.add_parser("prepare", help="convert CUB / UCF101 / Kinetics700 / HatefulMemes to local wds")
-    p.add_argument("task", help="cub, ucf101, kinetics700 or hateful_memes")
+    p = sub.add_parser("prepare", help="convert a dataset from its original layout to a local wds folder")
+    p.add_argument("task", help="cub, sun397, ucf101, kinetics700, hateful_memes or winogavil")
     p.add_argument("--source", required=True, help="the dataset in its original layout")
     p.add_argument("--out", required=True, help="output folder, normally DATASET_ROOT/wds_<task>")
     p.set_defaults(func=_cmd_prepare)
@@ -155,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for tasks/*.json and summary.json")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--amp", action="store_true", help="autocast (mixed precision); default fp32, as MetaCLIP evaluates")
+    _prompts_flag(p)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cache-dir", default=None, help="classifier cache (default OUT/classifier_cache)")
@@ -175,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="Caption-mixing sweep")
     p.add_argument("--notice", default=None, help="a line printed under the title (e.g. 'testbed numbers')")
     p.set_defaults(func=_cmd_report)
+    _score_parser(sub)
     return parser
 
 

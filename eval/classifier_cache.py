@@ -2,8 +2,9 @@
 
 Encoding every class x template through the text tower is the costly, repeated part of zero-shot
 evaluation (ImageNet: 1000 x 80 prompts). The matrix depends only on the model weights, the class
-names and the templates, so it is keyed by exactly those and reused across runs and tasks (ImageNet,
-ImageNet-V2 and ImageNet-Sketch share one).
+names (several per class with MetaCLIP's prompts), the templates and the prompt source they came from
+(``metaclip`` or ``clip_benchmark``), so it is keyed by exactly those and reused across runs and tasks
+(ImageNet, ImageNet-V2 and ImageNet-Sketch share one).
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def classifier_key(model_id: str, classnames: list[str], templates: list[str]) -> str:
-    """Stable key over everything the classifier depends on (not the task name: same prompts, same matrix)."""
-    doc = json.dumps({"model": model_id, "classnames": classnames, "templates": templates})
+def classifier_key(
+    model_id: str, classnames: list[str] | list[list[str]], templates: list[str], prompt_source: str = ""
+) -> str:
+    """Stable key over everything the classifier depends on (not the task name: same prompts, same matrix).
+
+    A class with one name is keyed by the name itself, with several by the list of its names.
+    """
+    names = [c[0] if isinstance(c, list | tuple) and len(c) == 1 else c for c in classnames]
+    doc = json.dumps({"model": model_id, "prompts": prompt_source, "classnames": names, "templates": templates})
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
@@ -44,10 +51,15 @@ class ClassifierCache:
         self.hits = self.misses = 0
 
     def get(
-        self, task: str, classnames: list[str], templates: list[str], compute: Callable[[], torch.Tensor]
+        self,
+        task: str,
+        classnames: list[str] | list[list[str]],
+        templates: list[str],
+        compute: Callable[[], torch.Tensor],
+        prompt_source: str = "",
     ) -> torch.Tensor:
         """The cached classifier, or ``compute()`` stored under the key when absent."""
-        key = classifier_key(self.model_id, classnames, templates)
+        key = classifier_key(self.model_id, classnames, templates, prompt_source)
         if key in self._mem:
             self.hits += 1
             return self._mem[key]

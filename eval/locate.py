@@ -3,6 +3,10 @@
 clip_benchmark's local webdataset layout (``ROOT/wds_<name>/<split>/nshards.txt``) is tried first for every
 task; for the torchvision-backed tasks clip_benchmark's own builder folder (``ROOT/<name>``) comes next.
 Nothing is downloaded unless the caller passes ``download=True`` (``--download``).
+
+SUN397, Caltech-101 and EuroSAT have no builder here: clip_benchmark's torchvision builders for them ignore
+the split and read the whole dataset, so when only such a folder is present the task is refused with an
+error naming the published wds test split to get, never scored on the whole set.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def locate(task: Task, dataset_root: str | Path | None, *, download: bool = Fals
     for folder in wds_folders:
         if folder.is_dir():
             return _wds_source(task, folder)
+    _refuse_whole_set_folder(task, dataset_root)
     if len(folders) > len(wds_folders):
         folder = folders[-1]
         if folder.is_dir() or download:
@@ -37,6 +42,21 @@ def locate(task: Task, dataset_root: str | Path | None, *, download: bool = Fals
             note = f"paper uses split {wanted!r}; builder read its test data" if wanted != "test" else ""
             return DataSource("builder", folder, "test", note)
     return None
+
+
+def _refuse_whole_set_folder(task: Task, dataset_root: str | Path | None) -> None:
+    """Raise when the only data is a builder folder whose builder ignores the split (the whole dataset)."""
+    if task.local_path or not task.refuse_folder or dataset_root is None:
+        return
+    raw = Path(dataset_root) / task.refuse_folder
+    if raw.is_dir():
+        want = task.wds_dirs[0]
+        raise ValueError(
+            f"{task.name}: only {raw} is present, a folder for clip_benchmark's torchvision builder, which ignores "
+            f"the split and would score the whole dataset; get clip_benchmark's published test split {want} "
+            f"(https://huggingface.co/datasets/clip-benchmark/{want}) into {Path(dataset_root) / want}"
+            + (f" ({task.count_note})" if task.count_note else "")
+        )
 
 
 def _wds_source(task: Task, folder: Path) -> DataSource:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from caption_mixing.atomic import atomic_write_bytes, atomic_write_text
-from eval.report import format_table, load_run, write_sweep_report
+from eval.report import load_run
 from eval.results import group_averages, main_metric_value
+from eval.seed_report import aggregated_tables, format_table, write_sweep_report  # mean ± std over seeds
+from eval.seeds import RULE, check_seeds, has_repeats
 from eval.tasks import DATACOMP_GROUPS, PAPER26, PAPER_TASKS, REGISTRY, TASK_SETS
 
 MISSING = "—"
@@ -261,6 +263,11 @@ def write_report(
         )
         paths["html"] = atomic_write_text(out_dir / "report.html", page)
         return paths
+    seeds_section: list[str] = []
+    if has_repeats(runs):  # several seeds per p: rows told apart by seed, mean ± std after Table 7
+        check_seeds(runs)
+        seeds_section = ["## Mean ± std over seeds", "", *aggregated_tables(runs), "", RULE, ""]
+        runs = [{**r, "label": f"{r['label']} s{r.get('seed', 0)}"} for r in runs]
     h6, r6 = table6(runs, baseline)
     h7, r7 = table7(runs, baseline)
     png = figure4_png(runs, title)
@@ -282,6 +289,7 @@ def write_report(
         "",
         legend,
         "",
+        *seeds_section,
         "![Figure 4](figure4.png)",
         "",
     ]

@@ -1,9 +1,11 @@
-"""Convert the tasks clip_benchmark lacks from their original layouts to its local webdataset layout.
+"""Convert datasets from their original layouts to the local webdataset layout ``eval zeroshot`` reads.
 
-``python -m eval prepare TASK --source DIR --out DIR`` for TASK in cub, ucf101, kinetics700, hateful_memes.
+``python -m eval prepare TASK --source DIR --out DIR`` for TASK in cub, ucf101, kinetics700, hateful_memes
+(which clip_benchmark lacks), sun397 (its standard partition-1 test split: clip_benchmark's wds_sun397 is
+the whole dataset) and winogavil (DataComp's association task, from its released CSV + images).
 The output (``--out``, normally ``DATASET_ROOT/wds_<task>``) is what ``eval zeroshot`` reads; class names
-and templates are written beside the shards (eval/data for templates, the source's own files for CUB
-and Kinetics700 class names). Videos contribute their middle frame.
+and templates are written beside the shards (eval/data or clip_benchmark's lists for templates, the
+source's own files for CUB, SUN397 and Kinetics700 class names). Videos contribute their middle frame.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from tqdm import tqdm
 from caption_mixing.atomic import atomic_write_json
 from eval.prompts import packaged_classnames, packaged_templates
 from eval.video import middle_frame_jpeg
-from eval.wds_writer import write_classification_wds
+from eval.wds_folder import TYPE_FILE
+from eval.wds_writer import write_classification_wds, write_wds
 
-PREPARABLE = ("cub", "ucf101", "kinetics700", "hateful_memes")
+PREPARABLE = ("cub", "sun397", "ucf101", "kinetics700", "hateful_memes", "winogavil")
 
 
 def _need(path: Path, what: str) -> Path:
@@ -52,7 +55,7 @@ def _table(path: Path) -> dict[str, str]:
 def _templates(task: str) -> list[str]:
     found = packaged_templates(task)
     if found is None:
-        raise ValueError(f"eval/data/templates.json has no templates for {task!r}")
+        raise ValueError(f"neither clip_benchmark's nor eval/data's template lists have {task!r}")
     return found[0]
 
 
@@ -89,6 +92,39 @@ def prepare_cub(source: Path, out: Path) -> dict[str, object]:
 
     n = write_classification_wds(out, samples(), classnames, _templates("cub"))
     return {"task": "cub", "num_samples": n, "num_classes": len(classnames)}
+
+
+# ---------------------------------------------------------------------------------------------- SUN397
+
+
+def prepare_sun397(source: Path, out: Path) -> dict[str, object]:
+    """SUN397 partition 1 test split (Partitions/Testing_01.txt, 50 images per class, 19,850 in all).
+
+    ``source`` holds the images (``SUN397/a/abbey/...`` or ``a/abbey/...``, the official archive or
+    clip_benchmark's builder folder) and the official ``Partitions`` files. Class names are written as
+    clip_benchmark's builder names them ("/a/apse/indoor" -> "apse indoor"); label = line of ClassName.txt.
+    """
+    parts = [source, source / "Partitions", source / "SUN397"]
+    names_file = _first_existing([d / "ClassName.txt" for d in parts], "SUN397 needs ClassName.txt")
+    test_file = _first_existing(
+        [d / "Testing_01.txt" for d in parts], "SUN397 needs the official Partitions (Testing_01.txt)"
+    )
+    class_paths = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+    index = {c: i for i, c in enumerate(class_paths)}
+    classnames = [c[3:].replace("_", " ").replace("/", " ") for c in class_paths]  # "/a/apse/indoor"
+    listed = [ln.strip() for ln in test_file.read_text().splitlines() if ln.strip()]
+    image_root = source / "SUN397" if (source / "SUN397").is_dir() else source
+
+    def samples() -> Iterator[tuple[str, bytes, str, int]]:
+        for n, rel in enumerate(tqdm(listed, desc="sun397", unit="img")):
+            cls = rel.rsplit("/", 1)[0]
+            if cls not in index:
+                raise ValueError(f"{test_file}: {rel} is in no class of {names_file}")
+            path = _need(image_root / rel.lstrip("/"), f"listed in {test_file}")
+            yield f"{n:06d}", path.read_bytes(), _ext(path), index[cls]
+
+    n = write_classification_wds(out, samples(), classnames, _templates("sun397"))
+    return {"task": "sun397", "num_samples": n, "num_classes": len(classnames), "partition": test_file.name}
 
 
 # ---------------------------------------------------------------------------------------------- videos
@@ -209,8 +245,61 @@ def prepare_hateful_memes(source: Path, out: Path) -> dict[str, object]:
     return {"task": "hateful_memes", "num_samples": n, "num_classes": 2}
 
 
+# ---------------------------------------------------------------------------------------------- WinoGAViL
+
+
+def _json_list(value: str, where: str) -> list[str]:
+    try:
+        items = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: expected a JSON list of names, got {value[:60]!r}") from e
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise ValueError(f"{where}: expected a JSON list of names, got {value[:60]!r}")
+    return items
+
+
+def prepare_winogavil(source: Path, out: Path) -> dict[str, object]:
+    """WinoGAViL as released (nlphuji/winogavil): winogavil_dataset.csv + winogavil_images/<candidate>.jpg.
+
+    The CSV's ``candidates`` and ``associations`` columns are JSON lists of image names; every instance is
+    kept (DataComp scores all of them and reports the 10-12-candidate mean as its main metric).
+    """
+    table = _need(source / "winogavil_dataset.csv", "WinoGAViL's release has winogavil_dataset.csv")
+    images = source / "winogavil_images"
+    if not images.is_dir():
+        hint = f"unzip {source / 'winogavil_images.zip'} there" if (source / "winogavil_images.zip").is_file() else ""
+        raise ValueError(f"{images} is missing; WinoGAViL's images go there (<candidate>.jpg) {hint}".strip())
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    need = {"cue", "candidates", "associations"}
+    if not rows or not need <= set(rows[0]):
+        raise ValueError(f"{table}: expected columns {sorted(need)}, got {sorted(rows[0]) if rows else 'no rows'}")
+    instances = []
+    for i, r in enumerate(rows, 2):  # line 1 is the header
+        where = f"{table}:{i}"
+        cands, assoc = _json_list(r["candidates"], where), _json_list(r["associations"], where)
+        if not assoc or not set(assoc) <= set(cands):
+            raise ValueError(f"{where}: associations {assoc} must be a non-empty subset of candidates {cands}")
+        instances.append((r.get("ID", str(i - 2)), r["cue"], cands, assoc))
+
+    def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
+        for n, (iid, cue, cands, assoc) in enumerate(tqdm(instances, desc="winogavil", unit="inst")):
+            meta = {"id": iid, "cue": cue, "candidates": cands, "associations": assoc}
+            members = {"json": json.dumps(meta).encode()}
+            for j, name in enumerate(cands):
+                path = _need(images / f"{name}.jpg", f"candidate of {table} row {n + 2}")
+                members[f"c{j:02d}.jpg"] = path.read_bytes()
+            yield f"{n:06d}", members
+
+    n = write_wds(out, samples(), {TYPE_FILE: "association\n"}, shard_size=200)
+    sizes = sorted({len(c) for _, _, c, _ in instances})
+    return {"task": "winogavil", "num_samples": n, "candidate_counts": sizes}
+
+
 PREPARERS = {
     "cub": prepare_cub,
+    "sun397": prepare_sun397,
+    "winogavil": prepare_winogavil,
     "ucf101": prepare_ucf101,
     "kinetics700": prepare_kinetics700,
     "hateful_memes": prepare_hateful_memes,
@@ -222,7 +311,7 @@ def prepare(task: str, source: str | Path, out: str | Path) -> dict[str, object]
     if task not in PREPARERS:
         raise ValueError(
             f"prepare: {task!r} cannot be prepared; choose one of {', '.join(PREPARABLE)} "
-            f"(the other tasks are read through clip_benchmark)"
+            f"(the other tasks are read from clip_benchmark's published wds folders)"
         )
     source = Path(source)
     if not source.is_dir():

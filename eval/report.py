@@ -32,7 +32,8 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     doc = json.loads((run_dir / "metrics.json").read_text())
     p = float(doc["p"])
     label = str(doc.get("label") or f"p={p:g}")
-    return {"p": p, "label": label, "tasks": doc.get("tasks", {}), "run_dir": str(run_dir)}
+    seed = int(doc.get("seed") or 0)  # a sweep with --seeds has several runs per p, told apart by their seed
+    return {"p": p, "label": label, "seed": seed, "tasks": doc.get("tasks", {}), "run_dir": str(run_dir)}
 
 
 def _sorted_runs(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -167,4 +168,95 @@ def write_sweep_report(
         "markdown": atomic_write_text(out_dir / "report.md", "\n".join(md) + "\n"),
         "csv": atomic_write_text(out_dir / "report.csv", _csv_text(runs)),
         "png": atomic_write(out_dir / "accuracy_vs_p.png", lambda f: f.write(png)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixing modes at equal p: the paper's random draw, the score gate, both captions (issue 19)
+# ---------------------------------------------------------------------------------------------
+
+
+def mode_of(run: Mapping[str, Any]) -> str:
+    """The mixing mode in a run's label: ``"p=0.15 gate"`` -> ``gate``, ``"both w=0.5"`` -> ``both``,
+    ``"p=0.15"`` -> ``random`` (the paper's rule). p (or both's weight w) is the run's ``p``."""
+    words = [w for w in str(run.get("label") or "").split() if not w.startswith(("p=", "w="))]
+    return " ".join(words) or "random"
+
+
+def _mode_cells(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[float], dict]:
+    """Modes (random first), p values, and {(mode, p): Spread of the per-run average over seeds}."""
+    from eval.seeds import spread
+
+    modes = sorted({mode_of(r) for r in runs}, key=lambda m: (m != "random", m))
+    ps = sorted({float(r["p"]) for r in runs})
+    cells = {}
+    for mode in modes:
+        for p in ps:
+            group = [r for r in runs if mode_of(r) == mode and float(r["p"]) == p]
+            if group:
+                cells[(mode, p)] = spread(summarize(r.get("tasks", {}))["average"] for r in group)
+    return modes, ps, cells
+
+
+def format_mode_table(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one row per p, one column per mode, the average main metric (%) as mean ± std over seeds (n)."""
+    from eval.seeds import format_spread
+
+    modes, ps, cells = _mode_cells(runs)
+    header = ["p (both: w)", *modes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for p in ps:
+        row = [f"{p:g}"]
+        for mode in modes:
+            s = cells.get((mode, p))
+            row.append(MISSING if s is None or s.mean is None else f"{format_spread(s)} (n={s.n})")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _modes_png(runs: Sequence[Mapping[str, Any]], title: str, notice: str | None) -> bytes:
+    """Average main metric (%) against p, one line per mode, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes, ps, cells = _mode_cells(runs)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in modes:
+        pts = [(p, cells[(mode, p)]) for p in ps if (mode, p) in cells and cells[(mode, p)].mean is not None]
+        xs = [p for p, _ in pts]
+        ys = [100 * s.mean for _, s in pts]
+        err = [100 * (s.std or 0.0) for _, s in pts]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=mode)
+    ax.set_xlabel("synthetic-caption ratio p (both: loss weight w)")
+    ax.set_ylabel("average zero-shot main metric (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    if notice:
+        fig.text(0.5, 0.01, notice, ha="center", va="bottom", fontsize=7, style="italic")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+    else:
+        fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_mode_report(
+    runs: Sequence[Mapping[str, Any]], out_dir: str | Path, *, title: str = "Mixing modes", notice: str | None = None
+) -> dict[str, Path]:
+    """modes.md (modes at equal p, mean ± std over seeds) and modes_vs_p.png, written atomically."""
+    if not runs:
+        raise ValueError("write_mode_report needs at least one run")
+    out_dir = Path(out_dir)
+    md = [f"# {title}", ""] + ([f"> **Note:** {notice}", ""] if notice else [])
+    md += [format_mode_table(runs), "", "Average main metric in % (mean ± std over seeds, n runs); — = not run."]
+    md += ["A difference smaller than the seed spread is not a result.", "", "![modes vs p](modes_vs_p.png)", ""]
+    png = _modes_png(runs, title, notice)
+    return {
+        "markdown": atomic_write_text(out_dir / "modes.md", "\n".join(md)),
+        "png": atomic_write(out_dir / "modes_vs_p.png", lambda f: f.write(png)),
     }

@@ -10,9 +10,13 @@
         "<task>": {                                # status "ok": the task ran
           "status": "ok", "main_metric": "<key>",  # the registry's metric for the task (eval.tasks)
           "<key>": float,                          # fractions in [0, 1]: acc1, acc5, mean_per_class_recall,
-                                                   #   top1_top5_mean, roc_auc, mean_recall@1, *_recall@k
-          "task_type": "classification" | "retrieval", "precision": "fp32" | "amp",
-          "num_samples": int, "path": str, "split": str, "seconds": float, ...
+                                                   #   top1_top5_mean, roc_auc, mean_recall@1, *_recall@k,
+                                                   #   avg_jaccard_score, jaccard_score_<n> (WinoGAViL)
+          "task_type": "classification" | "retrieval" | "association", "precision": "fp32" | "amp",
+          "num_samples": int, "path": str, "split": str, "seconds": float,
+          "expected_samples": int, "size_note": str,  # the standard split's size; the note when they differ
+          "prompt_source": "metaclip" | "clip_benchmark" | "folder",   # classification only, with
+          "prompt_sources": {"classnames": str, "templates": str}, "prompt_note": str, ...
         },
         "<task>": {"status": "missing", "main_metric": ..., "path": str, "looked_for": [str], "reason": str},
         "<task>": {"status": "error", "main_metric": ..., "error": str}      # only with keep_going
@@ -25,7 +29,8 @@
         "paper26": {"average", "num_tasks_averaged", "average_over": "k/26", "missing"},  # if any of the 26 ran
         "datacomp_groups": {"IN dist. shift" | "VTAB" | "Retrieval":
                             {"average", "num_members", "num_total", "coverage": "k/n", "missing"}},
-        "classifier_cache": {"hits": int, "misses": int}
+        "testbed_groups": {"concepts" | "attributes" | "retrieval": {...as above}},  # if a testbed task ran
+        "classifier_cache": {"hits": int, "misses": int}, "prompts": "metaclip" | "clip_benchmark"
       }
     }
 
@@ -41,7 +46,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from caption_mixing.atomic import json_safe
-from eval.tasks import DATACOMP_GROUPS, PAPER26, REGISTRY
+from eval.tasks import DATACOMP_GROUPS, PAPER26, REGISTRY, TESTBED_GROUPS
 
 SCHEMA = "caption-mixing/metrics/1"
 
@@ -63,13 +68,16 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def group_averages(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """DataComp groups: unweighted mean of the members that ran, with coverage ("2/3") and missing members.
+def group_averages(
+    results: Mapping[str, Mapping[str, Any]], groups: Mapping[str, tuple[str, ...]] = DATACOMP_GROUPS
+) -> dict[str, dict[str, Any]]:
+    """DataComp groups (or ``groups``): unweighted mean of the members that ran, with coverage ("2/3")
+    and missing members.
 
     A group average over fewer members than the group has is not DataComp's number, hence the coverage.
     """
     out: dict[str, dict[str, Any]] = {}
-    for group, members in DATACOMP_GROUPS.items():
+    for group, members in groups.items():
         values = {m: main_metric_value(results[m], m) for m in members if m in results}
         present = [m for m, v in values.items() if v is not None]
         info: dict[str, Any] = {
@@ -110,6 +118,8 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         if not paper:
             summary["paper26"]["average_note"] = "none of the 26 tasks ran"
     summary["datacomp_groups"] = group_averages(results)
+    if any(t in results for members in TESTBED_GROUPS.values() for t in members):
+        summary["testbed_groups"] = group_averages(results, TESTBED_GROUPS)
     return summary
 
 

@@ -18,8 +18,10 @@ import torch
 from tqdm import tqdm
 
 from caption_mixing.atomic import atomic_write_json
+from eval.association import evaluate_association
 from eval.classifier_cache import ClassifierCache
 from eval.locate import locate, missing_report
+from eval.prompts import METACLIP, check_prompt_source
 from eval.results import summarize
 from eval.tasks import Task
 from eval.zeroshot import evaluate_classification, evaluate_retrieval
@@ -39,8 +41,13 @@ def run_task(
     amp: bool = False,
     download: bool = False,
     progress: bool = True,
+    prompts: str = METACLIP,
 ) -> dict[str, Any]:
-    """Locate and evaluate one task; a task without data becomes a "missing" record, not an exception."""
+    """Locate and evaluate one task; a task without data becomes a "missing" record, not an exception.
+
+    The result records the precision, the split and sample count read, the standard split's count
+    (``expected_samples``) and, when they differ, a ``size_note`` saying so.
+    """
     src = locate(task, dataset_root, download=download)
     if src is None:
         return missing_report(task, dataset_root)
@@ -48,15 +55,23 @@ def run_task(
     kw = {"device": device, "batch_size": batch_size, "num_workers": num_workers, "amp": amp, "progress": progress}
     if task.kind == "retrieval":
         result = evaluate_retrieval(task, src, model, tokenizer, preprocess, **kw)
+    elif task.kind == "association":
+        result = evaluate_association(task, src, model, tokenizer, preprocess, **kw)
     else:
-        result = evaluate_classification(task, src, model, tokenizer, preprocess, cache, download=download, **kw)
+        result = evaluate_classification(
+            task, src, model, tokenizer, preprocess, cache, download=download, prompts=prompts, **kw
+        )
     result.update(status="ok", precision="amp" if amp else "fp32", path=str(src.path), split=src.split)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     if src.split_note:
         result["split_note"] = src.split_note
-    if task.expected_samples and result["num_samples"] != task.expected_samples:
-        n, want = result["num_samples"], task.expected_samples
-        result["size_note"] = f"the paper's split has {want} images; {src.path} has {n}"
+    if task.expected_samples:
+        result["expected_samples"] = task.expected_samples
+        if result["num_samples"] != task.expected_samples:
+            n, want = result["num_samples"], task.expected_samples
+            what = "instances" if task.kind == "association" else "images"
+            note = f"the standard {task.paper_split} split has {want} {what}; {src.path} has {n}"
+            result["size_note"] = note + (f" ({task.count_note})" if task.count_note else "")
     return result
 
 
@@ -76,6 +91,7 @@ def run_suite(
     download: bool = False,
     keep_going: bool = False,
     progress: bool = True,
+    prompts: str = METACLIP,
 ) -> dict[str, Any]:
     """Evaluate ``tasks`` in order -> ``{"tasks": {name: result}, "summary": eval.results.summarize(...)}``.
 
@@ -83,9 +99,12 @@ def run_suite(
     calls, as in training). Per-task JSON goes to ``out_dir/tasks/<name>.json`` as each task finishes. A
     failing task raises naming it, or with ``keep_going`` is recorded as an error. The model is evaluated
     under ``torch.no_grad`` in eval mode, in fp32 unless ``amp``, and left in the mode it came in.
+    Classification tasks use ``prompts`` ("metaclip", the default, or "clip_benchmark"; ``eval.prompts``).
     """
+    check_prompt_source(prompts, "prompts")
     cache = cache if cache is not None else ClassifierCache("in-memory (no model id)")
     kw = {"device": device, "batch_size": batch_size, "num_workers": num_workers, "amp": amp, "progress": progress}
+    kw["prompts"] = prompts
     results: dict[str, dict[str, Any]] = {}
     was_training = model.training
     model.eval()
@@ -104,6 +123,7 @@ def run_suite(
         model.train(was_training)
     summary = summarize(results)
     summary["classifier_cache"] = {"hits": cache.hits, "misses": cache.misses}
+    summary["prompts"] = prompts
     return {"tasks": results, "summary": summary}
 
 
@@ -134,5 +154,5 @@ def _log_line(task: Task, res: dict[str, Any]) -> str:
     if res["status"] == "error":
         return f"[eval] {task.name}: ERROR {res['error']}"
     key = res["main_metric"]
-    notes = "".join(f"; {res[n]}" for n in ("split_note", "size_note") if n in res)
+    notes = "".join(f"; {res[n]}" for n in ("split_note", "size_note", "prompt_note") if n in res)
     return f"[eval] {task.name}: {key}={100 * res[key]:.2f} ({res['num_samples']} samples, {res['seconds']}s{notes})"

@@ -7,16 +7,21 @@ which clip_benchmark dataset it is, and where its data is looked for under the d
 
 A task spec (:func:`parse_task_spec`) is a comma list of
 
-* groups: ``paper26``, ``retrieval`` (Flickr30k, COCO), ``datacomp``, ``testbed`` (concept, category,
+* groups: ``paper26``, ``retrieval`` (Flickr30k, COCO, WinoGAViL: DataComp's Retrieval group), ``datacomp``,
+  ``testbed`` (concept, category,
   color, count, retrieval: the embedded testbed's ``eval/<name>/`` folders, so its dataset root is the
   testbed's ``eval`` folder);
 * registry names, e.g. ``cifar10``;
 * ad-hoc ``NAME=PATH`` items: a wds folder read from exactly PATH. A registry NAME keeps its registry
   metric (``fgvc_aircraft=/data/eval/wds_fgvc_aircraft`` is scored by mean per-class recall); any other
-  NAME is scored by top-1 (or mean R@1 when PATH's ``dataset_type.txt`` says retrieval). NAME becomes a
-  file name (``tasks/<NAME>.json``), so it must be a safe path component.
+  NAME is scored by top-1 (or mean R@1 when PATH's ``dataset_type.txt`` says retrieval, WinoGAViL's Jaccard
+  when it says association). NAME becomes a file name (``tasks/<NAME>.json``), so it must be a safe path
+  component. An ad-hoc folder is always scored with its own class names and templates.
 
-A group name wins over a task name: ``retrieval`` alone is the Flickr30k/COCO group; the testbed's
+Each registry task also names its MetaCLIP clipeval dataset (``metaclip_key``: class names and templates,
+the default prompts, see ``eval.prompts``) and the size of its standard test split (``expected_samples``).
+
+A group name wins over a task name: ``retrieval`` alone is the Flickr30k/COCO/WinoGAViL group; the testbed's
 retrieval set comes with ``testbed`` or as ``retrieval=PATH``.
 """
 
@@ -35,6 +40,7 @@ MEAN_PER_CLASS = "mean_per_class_recall"
 TOP1_TOP5_MEAN = "top1_top5_mean"
 ROC_AUC = "roc_auc"
 MEAN_RECALL1 = "mean_recall@1"
+JACCARD_10_12 = "jaccard_score_10-12"  # DataComp's WinoGAViL main metric
 
 METRIC_DESCRIPTIONS = {
     ACC1: "top-1 accuracy",
@@ -42,27 +48,31 @@ METRIC_DESCRIPTIONS = {
     TOP1_TOP5_MEAN: "(top-1 + top-5) / 2",
     ROC_AUC: "ROC AUC of logit[hateful] - logit[not hateful]",
     MEAN_RECALL1: "mean of text and image recall@1",
+    JACCARD_10_12: "mean Jaccard index, 10-12 candidates",
 }
 
 
 @dataclass(frozen=True)
 class Task:
-    """One evaluation task: what it is called, how it is scored, where its data lives."""
+    """One evaluation task: what it is called, how it is scored, where its data lives, which prompts it uses."""
 
     name: str  # our key, used on the command line and in results
     title: str  # the paper's column header
     metric: str
-    kind: str = "classification"  # or "retrieval"
+    kind: str = "classification"  # or "retrieval", or "association" (WinoGAViL)
     cb_name: str | None = None  # clip_benchmark dataset name (None: clip_benchmark lacks it)
-    splits: tuple[str, ...] = ("test",)  # wds split folders tried in order; the first is the paper's
-    builder: bool = False  # clip_benchmark's torchvision builder can read ROOT/<cb_name> offline
+    splits: tuple[str, ...] = ("test",)  # wds split folders tried in order; the first is the one meant
+    builder: bool = False  # clip_benchmark's torchvision builder can read ROOT/<cb_name> offline, honouring the split
     prompt_key: str | None = None  # key into clip_benchmark's / eval/data's classname+template JSON
+    metaclip_key: str | None = None  # MetaCLIP clipeval's dataset name (eval/data/metaclip_*.json)
     note: str = ""
     wds_aliases: tuple[str, ...] = field(default_factory=tuple)
     folder: str | None = None  # the folder under the dataset root, instead of wds_<name> (the testbed's sets)
     local_path: str | None = None  # an ad-hoc task read from exactly this wds folder (``--extra-task``)
     source_split: str = ""  # the original dataset's split when `prepare` stores it as test/ (shown by `tasks`)
-    expected_samples: int | None = None  # the paper's split size; a different count is flagged in the result
+    expected_samples: int | None = None  # the standard test split's size; a different count is flagged
+    count_note: str = ""  # added to the flag when the count differs (e.g. what a known wrong count means)
+    refuse_folder: str | None = None  # ROOT/<this> is a builder folder that ignores the split: refused, never read
 
     @property
     def wds_dirs(self) -> tuple[str, ...]:
@@ -87,109 +97,116 @@ def _ret(name: str, title: str, cb: str, n_images: int) -> Task:
     return Task(name, title, MEAN_RECALL1, kind="retrieval", cb_name=cb, expected_samples=n_images, note=note)
 
 
+# Expected counts are the standard test splits. Unless a comment says otherwise they are the "size" of the
+# task in DataComp's tasklist.yml (mlfoundations/datacomp@4a8df1992566ef8334773f7152e1855b1f716162), i.e. the
+# clip_benchmark wds test splits (https://huggingface.co/datasets/clip-benchmark/wds_<name>) this suite reads.
 PAPER_TASKS: tuple[Task, ...] = (
-    _cls("imagenet1k", "ImageNet", builder=True, prompt_key="imagenet1k"),
-    _cls("food101", "Food-101", builder=True, prompt_key="food101"),
-    _cls("cifar10", "CIFAR10", builder=True, prompt_key="cifar10"),
-    _cls("cifar100", "CIFAR100", builder=True, prompt_key="cifar100"),
-    _cls(
-        "cub", "CUB", cb="", prompt_key="cub", note="CUB-200-2011 test split; build with `python -m eval prepare cub`"
-    ),
-    _cls("sun397", "SUN397", builder=True, prompt_key="sun397"),
-    _cls("cars", "Cars", builder=True, prompt_key="cars"),
-    _cls("fgvc_aircraft", "Aircraft", MEAN_PER_CLASS, builder=True, prompt_key="fgvc_aircraft"),
-    _cls("dtd", "DTD", builder=True, prompt_key="dtd"),
-    _cls("pets", "Pets", MEAN_PER_CLASS, builder=True, prompt_key="pets"),
-    _cls(
-        "caltech101",
-        "Caltech-101",
-        MEAN_PER_CLASS,
-        builder=True,
-        prompt_key="caltech101",
-        wds_aliases=("wds_vtab-caltech101",),
-    ),
-    _cls("flowers", "Flowers", MEAN_PER_CLASS, builder=True, prompt_key="flowers", wds_aliases=("wds_vtab-flowers",)),
-    _cls("mnist", "MNIST", builder=True, prompt_key="mnist"),
-    _cls("fer2013", "FER-2013", builder=True, prompt_key="fer2013"),
-    _cls("stl10", "STL-10", builder=True, prompt_key="stl10"),
-    _cls(
-        "eurosat",
-        "EuroSAT",
-        splits=("val", "test"),
-        builder=True,
-        prompt_key="eurosat",
-        note="MetaCLIP uses the val split; a test-only folder is used and flagged",
-    ),
-    _cls("resisc45", "RESISC45", cb="vtab/resisc45", prompt_key="resisc45"),
-    _cls("gtsrb", "GTSRB", builder=True, prompt_key="gtsrb"),
-    _cls(
-        "kitti",
-        "KITTI",
-        cb="vtab/kitti_closest_vehicle_distance",
-        prompt_key="kitti_closest_vehicle_distance",
-        note="closest-vehicle distance, 4 classes",
-    ),
-    _cls("country211", "Country211", builder=True, prompt_key="country211"),
-    _cls("pcam", "PCAM", builder=True, prompt_key="pcam"),
-    _cls(
-        "ucf101",
-        "UCF101",
-        cb="",
-        prompt_key="ucf101",
-        source_split="testlist01",
-        note="middle frame of testlist01 videos; `prepare ucf101`",
-    ),
-    _cls(
-        "kinetics700",
-        "Kinetics700",
-        TOP1_TOP5_MEAN,
-        cb="",
-        prompt_key="kinetics700",
-        source_split="val",
-        note="middle frame of validation videos; `prepare kinetics700`",
-    ),
-    _cls("clevr", "CLEVR", cb="vtab/clevr_count_all", prompt_key="clevr_count_all", note="counts, 8 classes"),
-    _cls(
-        "hateful_memes",
-        "HatefulMemes",
-        ROC_AUC,
-        cb="",
-        prompt_key="hateful_memes",
-        source_split="dev",
-        note="dev split; `prepare hateful_memes`",
-    ),
-    _cls("sst2", "SST2", cb="renderedsst2", builder=True, prompt_key="renderedsst2", note="rendered SST2"),
-)
+    _cls("imagenet1k", "ImageNet", builder=True, prompt_key="imagenet1k", metaclip_key="imagenet",
+         expected_samples=50000),
+    _cls("food101", "Food-101", builder=True, prompt_key="food101", metaclip_key="Food101", expected_samples=25250),
+    _cls("cifar10", "CIFAR10", builder=True, prompt_key="cifar10", metaclip_key="CIFAR10", expected_samples=10000),
+    _cls("cifar100", "CIFAR100", builder=True, prompt_key="cifar100", metaclip_key="CIFAR100",
+         expected_samples=10000),
+    # CUB-200-2011 train_test_split.txt: 5,994 train / 5,794 test images (Wah et al., CNS-TR-2011-001)
+    _cls("cub", "CUB", cb="", prompt_key="cub", metaclip_key="CUB200", expected_samples=5794,
+         note="CUB-200-2011 test split; build with `python -m eval prepare cub`"),
+    # SUN397's official partition 1 (Partitions/Testing_01.txt, 50 images per class): 19,850, the test split
+    # of CLIP's Table 9. clip_benchmark's published wds_sun397 was written through its builder and holds the
+    # whole dataset (108,754 images, DataComp's tasklist size), so it is read but its count is flagged.
+    _cls("sun397", "SUN397", prompt_key="sun397", metaclip_key="SUN397", expected_samples=19850,
+         refuse_folder="sun397",
+         note="standard test split = partition 1 (`prepare sun397`); clip_benchmark's wds_sun397 is the whole set",
+         count_note="clip_benchmark's wds_sun397 is the whole dataset (108,754 images), as DataComp scores it; "
+         "`python -m eval prepare sun397` writes the partition-1 test split"),
+    _cls("cars", "Cars", builder=True, prompt_key="cars", metaclip_key="StanfordCars", expected_samples=8041),
+    _cls("fgvc_aircraft", "Aircraft", MEAN_PER_CLASS, builder=True, prompt_key="fgvc_aircraft",
+         metaclip_key="FGVCAircraft", expected_samples=3333),
+    _cls("dtd", "DTD", builder=True, prompt_key="dtd", metaclip_key="DescribableTextures", expected_samples=1880),
+    _cls("pets", "Pets", MEAN_PER_CLASS, builder=True, prompt_key="pets", metaclip_key="OxfordPets",
+         expected_samples=3669),
+    _cls("caltech101", "Caltech-101", MEAN_PER_CLASS, cb="vtab/caltech101", prompt_key="caltech101",
+         metaclip_key="Caltech101", expected_samples=6085, refuse_folder="caltech101",
+         note="VTAB test split (wds_vtab-caltech101)"),
+    _cls("flowers", "Flowers", MEAN_PER_CLASS, builder=True, prompt_key="flowers", metaclip_key="Flowers102",
+         wds_aliases=("wds_vtab-flowers",), expected_samples=6149),
+    _cls("mnist", "MNIST", builder=True, prompt_key="mnist", metaclip_key="MNIST", expected_samples=10000),
+    # FER-2013 test = PublicTest + PrivateTest (3,589 + 3,589), the Kaggle msambare/fer2013 test/ folder
+    # clip_benchmark's builder (and its wds_fer2013) reads
+    _cls("fer2013", "FER-2013", builder=True, prompt_key="fer2013", metaclip_key="FacialEmotionRecognition2013",
+         expected_samples=7178),
+    _cls("stl10", "STL-10", builder=True, prompt_key="stl10", metaclip_key="STL10", expected_samples=8000),
+    _cls("eurosat", "EuroSAT", cb="vtab/eurosat", prompt_key="eurosat", metaclip_key="EuroSAT",
+         expected_samples=5400, refuse_folder="eurosat",
+         note="VTAB test split (wds_vtab-eurosat), the split published numbers use; MetaCLIP's catalog reads a "
+         "folder named val"),
+    _cls("resisc45", "RESISC45", cb="vtab/resisc45", prompt_key="resisc45", metaclip_key="RESISC45",
+         expected_samples=6300),
+    _cls("gtsrb", "GTSRB", builder=True, prompt_key="gtsrb", metaclip_key="GTSRB", expected_samples=12630),
+    _cls("kitti", "KITTI", cb="vtab/kitti_closest_vehicle_distance", prompt_key="kitti_closest_vehicle_distance",
+         metaclip_key="KITTI", expected_samples=711, note="closest-vehicle distance, 4 classes"),
+    _cls("country211", "Country211", builder=True, prompt_key="country211", metaclip_key="Country211",
+         expected_samples=21100),
+    _cls("pcam", "PCAM", builder=True, prompt_key="pcam", metaclip_key="PatchCamelyon", expected_samples=32768),
+    # UCF101 split 1: testlist01.txt lists 3,783 videos
+    _cls("ucf101", "UCF101", cb="", prompt_key="ucf101", metaclip_key="UCF101", source_split="testlist01",
+         expected_samples=3783, note="middle frame of testlist01 videos; `prepare ucf101`"),
+    # no fixed count: videos removed from YouTube differ between copies (prepare_report.json lists them)
+    _cls("kinetics700", "Kinetics700", TOP1_TOP5_MEAN, cb="", prompt_key="kinetics700", metaclip_key="Kinetics700",
+         source_split="val", note="middle frame of validation videos; `prepare kinetics700`"),
+    _cls("clevr", "CLEVR", cb="vtab/clevr_count_all", prompt_key="clevr_count_all", metaclip_key="CLEVRCounts",
+         expected_samples=15000, note="counts, 8 classes"),
+    # Hateful Memes dev.jsonl (the dev split MetaCLIP's catalog names): 500 memes
+    _cls("hateful_memes", "HatefulMemes", ROC_AUC, cb="", prompt_key="hateful_memes", metaclip_key="HatefulMemes",
+         source_split="dev", expected_samples=500, note="dev split; `prepare hateful_memes`"),
+    _cls("sst2", "SST2", cb="renderedsst2", builder=True, prompt_key="renderedsst2", metaclip_key="SST2",
+         expected_samples=1821, note="rendered SST2"),
+)  # fmt: skip
 
 RETRIEVAL_TASKS: tuple[Task, ...] = (
     _ret("flickr30k", "Flickr", "flickr30k", 1000),
     _ret("mscoco", "COCO", "mscoco_captions", 5000),
-)
+    # DataComp's association task: its tasklist.yml size 3,563 and main metric jaccard_score_10-12
+    Task("winogavil", "WinoGAViL", JACCARD_10_12, kind="association", expected_samples=3563,
+         note="DataComp's scoring: top-k of the candidates for 'A/An <cue>'; `prepare winogavil`"),
+)  # fmt: skip
 
-# DataComp members outside the 26 (classification, wds folders only).
+# DataComp members outside the 26 (classification, wds folders only). ImageNet-V2 and -Sketch share
+# ImageNet's 1000 classes, so MetaCLIP's ImageNet prompts apply to them; the others have no MetaCLIP list.
 DATACOMP_EXTRA_TASKS: tuple[Task, ...] = (
-    _cls("imagenet_sketch", "ImageNet-Sketch"),
-    _cls("imagenetv2", "ImageNet-V2"),
-    _cls("imagenet-a", "ImageNet-A"),
-    _cls("imagenet-o", "ImageNet-O"),
-    _cls("imagenet-r", "ImageNet-R"),
-    _cls("objectnet", "ObjectNet"),
-    _cls("svhn", "SVHN", cb="vtab/svhn"),
-    _cls("clevr_distance", "CLEVR Distance", cb="vtab/clevr_closest_object_distance"),
+    _cls("imagenet_sketch", "ImageNet-Sketch", metaclip_key="imagenet", expected_samples=50889),
+    _cls("imagenetv2", "ImageNet-V2", metaclip_key="imagenet", expected_samples=10000),
+    _cls("imagenet-a", "ImageNet-A", expected_samples=7500),
+    _cls("imagenet-o", "ImageNet-O", expected_samples=2000),
+    _cls("imagenet-r", "ImageNet-R", expected_samples=30000),
+    _cls("objectnet", "ObjectNet", expected_samples=18574),
+    _cls("svhn", "SVHN", cb="vtab/svhn", expected_samples=26032),
+    _cls("clevr_distance", "CLEVR Distance", cb="vtab/clevr_closest_object_distance", expected_samples=15000),
 )
 
 # The embedded testbed's eval sets (testbed.EVAL_TASKS; eval imports no testbed code), read from
 # <testbed>/eval/<name>/: pass that ``eval`` folder as the dataset root.
+_TESTBED_FINE = tuple(f"concept_{c}" for c in ("bird", "lizard", "fish", "flower", "beetle", "mushroom", "butterfly",
+                                                 "shell"))  # fmt: skip
 TESTBED_TASKS: tuple[Task, ...] = (
-    *(Task(n, n, ACC1, folder=n, note="embedded testbed") for n in ("concept", "category", "color", "count")),
+    *(
+        Task(n, n, ACC1, folder=n, note="embedded testbed")
+        for n in ("concept", *_TESTBED_FINE, "category", "color", "count")
+    ),
     Task("retrieval", "retrieval", MEAN_RECALL1, kind="retrieval", folder="retrieval", note="embedded testbed"),
 )
+# The testbed's report groups (DataComp-style, beside the average): long-tail concept names, which alt-text
+# carries (the 64-way task and the 8 fine-grained ones, most of the average as in the paper's 26 tasks),
+# against the attributes (shape category, colour, count) and retrieval that dense synthetic captions describe.
+TESTBED_GROUPS: dict[str, tuple[str, ...]] = {
+    "concepts": ("concept", *_TESTBED_FINE),
+    "attributes": ("category", "color", "count"),
+    "retrieval": ("retrieval",),
+}
 
 REGISTRY: dict[str, Task] = {t.name: t for t in (*PAPER_TASKS, *RETRIEVAL_TASKS, *DATACOMP_EXTRA_TASKS, *TESTBED_TASKS)}
 PAPER26: tuple[str, ...] = tuple(t.name for t in PAPER_TASKS)
 
-# DataComp's aggregate groups (members by our task names). WinoGAViL has no loader in this suite, so the
-# Retrieval group covers at most 2 of its 3 members; the coverage is always reported.
+# DataComp's aggregate groups (members by our task names), as in its aggregate_scores.py.
 DATACOMP_GROUPS: dict[str, tuple[str, ...]] = {
     "IN dist. shift": ("imagenet_sketch", "imagenetv2", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet"),
     "VTAB": (
@@ -254,8 +271,9 @@ def _adhoc_task(item: str, flag: str) -> Task:
     if name in REGISTRY:
         return replace(REGISTRY[name], local_path=path)
     type_file = Path(path) / "dataset_type.txt"
-    retrieval = type_file.is_file() and type_file.read_text().strip().lower() == "retrieval"
-    kind, metric = ("retrieval", MEAN_RECALL1) if retrieval else ("classification", ACC1)
+    kind = type_file.read_text().strip().lower() if type_file.is_file() else "classification"
+    metric = {"retrieval": MEAN_RECALL1, "association": JACCARD_10_12}.get(kind, ACC1)
+    kind = kind if kind in ("retrieval", "association") else "classification"
     return Task(name=name, title=name, metric=metric, kind=kind, local_path=path, note="ad-hoc task")
 
 
@@ -283,32 +301,52 @@ def looked_for(task: Task, dataset_root: str | Path | None) -> list[Path]:
     return paths
 
 
-def format_registry(dataset_root: str | Path | None = None) -> str:
-    """The registry as a fixed-width table: name, paper column, metric, split, where the data is looked for."""
+def format_registry(dataset_root: str | Path | None = None, prompts: str = "metaclip") -> str:
+    """The registry as a fixed-width table: name, paper column, metric, split, expected count, prompts, paths."""
+    from eval.prompts import describe_prompts  # eval.prompts imports this module
+
     root = Path(dataset_root) if dataset_root else Path("$DATASET_ROOT")
-    rows = [("#", "name", "column", "metric", "split", "looked for", "note")]
+    head = ("#", "name", "column", "metric", "split", "expected", "prompts")
     sections = [
         ("paper26", PAPER_TASKS),
-        ("retrieval", RETRIEVAL_TASKS),
+        ("retrieval (DataComp's Retrieval group)", RETRIEVAL_TASKS),
         ("datacomp extras", DATACOMP_EXTRA_TASKS),
         ("testbed", TESTBED_TASKS),
     ]
-    lines: list[str] = []
+    lines: list[str] = [f"prompts: {prompts} (--prompts); expected = size of the standard test split"]
     for title, tasks in sections:
         body = []
         for i, t in enumerate(tasks, 1):
-            paths = looked_for(t, root)
-            where = " | ".join(
-                str(p) + ("/" + "{" + ",".join(t.splits) + "}" if p.name in t.wds_dirs else "") for p in paths
-            )
             split = f"{t.source_split} (as {t.paper_split}/)" if t.source_split else t.paper_split
-            body.append((str(i), t.name, t.title, METRIC_DESCRIPTIONS[t.metric], split, where, t.note))
-        widths = [max(len(r[c]) for r in [*rows, *body]) for c in range(5)]
+            expected = f"{t.expected_samples:,}" if t.expected_samples else "-"
+            cells = (
+                str(i),
+                t.name,
+                t.title,
+                METRIC_DESCRIPTIONS[t.metric],
+                split,
+                expected,
+                describe_prompts(t, prompts),
+            )
+            body.append((cells, _where(t, root), t.note))
+        widths = [max(len(r[c]) for r in [head, *(b[0] for b in body)]) for c in range(len(head))]
         lines.append(f"== {title} ({len(tasks)} tasks) ==")
-        for r in [rows[0], *body]:
-            note = f"  [{r[6]}]" if r[6] else ""
-            lines.append("  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5] + note)
+        lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + "  looked for  [note]")
+        for cells, where, note in body:
+            row = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+            lines.append(f"{row}  {where}" + (f"  [{note}]" if note else ""))
         lines.append("")
     groups = "; ".join(f"{g}: {', '.join(m)}" for g, m in DATACOMP_GROUPS.items())
     lines.append(f"DataComp groups: {groups}")
     return "\n".join(lines)
+
+
+def _where(task: Task, root: Path) -> str:
+    """Every path looked at for ``task``, with its split folders; a refused builder folder is marked."""
+    parts = [
+        str(p) + ("/" + "{" + ",".join(task.splits) + "}" if p.name in task.wds_dirs else "")
+        for p in looked_for(task, root)
+    ]
+    if task.refuse_folder and not task.local_path:
+        parts.append(f"(refused: {root / task.refuse_folder})")
+    return " | ".join(parts)

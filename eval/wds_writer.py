@@ -21,6 +21,50 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def write_wds(
+    out: str | Path,
+    samples: Iterable[tuple[str, dict[str, bytes]]],
+    files: dict[str, str],
+    *,
+    split: str = "test",
+    shard_size: int = 1000,
+) -> int:
+    """samples: (key, {extension: payload}) -> shards of ``shard_size``; ``files`` (name -> text) beside them.
+
+    Returns the number of samples written; ``nshards.txt`` comes last.
+    """
+    out = Path(out)
+    split_dir = out / split
+    n = shard = 0
+    batch: list[tuple[str, dict[str, bytes]]] = []
+
+    def flush() -> None:
+        nonlocal shard, batch
+
+        def write(f: io.BufferedWriter) -> None:
+            with tarfile.open(fileobj=f, mode="w") as tar:
+                for key, members in batch:
+                    for ext, data in members.items():
+                        _add(tar, f"{key}.{ext}", data)
+
+        atomic_write(split_dir / f"{shard}.tar", write)
+        shard, batch = shard + 1, []
+
+    for key, members in samples:
+        batch.append((key, members))
+        n += 1
+        if len(batch) >= shard_size:
+            flush()
+    if batch:
+        flush()
+    if n == 0:
+        raise ValueError(f"no samples to write to {split_dir}")
+    for name, text in files.items():
+        atomic_write_text(out / name, text)
+    atomic_write_text(split_dir / "nshards.txt", f"{shard}\n")
+    return n
+
+
 def write_classification_wds(
     out: str | Path,
     samples: Iterable[tuple[str, bytes, str, int]],
@@ -31,39 +75,16 @@ def write_classification_wds(
     shard_size: int = 1000,
 ) -> int:
     """samples: (key, image bytes, image extension, label). Returns the number of samples written."""
-    out = Path(out)
     if any("\n" in c for c in classnames):
         raise ValueError("class names must not contain newlines")
-    split_dir = out / split
-    n = shard = 0
-    batch: list[tuple[str, bytes, str, int]] = []
 
-    def flush() -> None:
-        nonlocal shard, batch
+    def members() -> Iterable[tuple[str, dict[str, bytes]]]:
+        for key, img, ext, label in samples:
+            if not 0 <= label < len(classnames):
+                raise ValueError(
+                    f"sample {key}: label {label} outside 0..{len(classnames) - 1} ({len(classnames)} classes)"
+                )
+            yield key, {ext: img, "cls": str(label).encode()}
 
-        def write(f: io.BufferedWriter) -> None:
-            with tarfile.open(fileobj=f, mode="w") as tar:
-                for key, img, ext, label in batch:
-                    _add(tar, f"{key}.{ext}", img)
-                    _add(tar, f"{key}.cls", str(label).encode())
-
-        atomic_write(split_dir / f"{shard}.tar", write)
-        shard, batch = shard + 1, []
-
-    for key, img, ext, label in samples:
-        if not 0 <= label < len(classnames):
-            raise ValueError(
-                f"sample {key}: label {label} outside 0..{len(classnames) - 1} ({len(classnames)} classes)"
-            )
-        batch.append((key, img, ext, label))
-        n += 1
-        if len(batch) >= shard_size:
-            flush()
-    if batch:
-        flush()
-    if n == 0:
-        raise ValueError(f"no samples to write to {split_dir}")
-    atomic_write_text(out / CLASSNAMES_FILE, "\n".join(classnames) + "\n")
-    atomic_write_text(out / TEMPLATES_FILE, "\n".join(templates) + "\n")
-    atomic_write_text(split_dir / "nshards.txt", f"{shard}\n")
-    return n
+    files = {CLASSNAMES_FILE: "\n".join(classnames) + "\n", TEMPLATES_FILE: "\n".join(templates) + "\n"}
+    return write_wds(out, members(), files, split=split, shard_size=shard_size)

@@ -1,10 +1,13 @@
 """Score one located task on a loaded model: zero-shot classification or image-text retrieval.
 
-We reuse clip_benchmark (dataset readers, the class-prompt classifier, retrieval ``evaluate``) so the
-numbers follow its conventions; the classification loop is ours (:func:`image_logits`: a progress bar
+We reuse clip_benchmark's dataset readers and retrieval ``evaluate`` so the numbers follow its
+conventions. The class-prompt classifier is ours (:func:`zero_shot_classifier`), since MetaCLIP's prompts
+give some classes several names, averaged as its clipeval does; with one name per class it is
+clip_benchmark's classifier. The classification loop is ours too (:func:`image_logits`: a progress bar
 and logits in fp32 whatever the autocast) and top-k comes from ``eval.metrics`` (clip_benchmark 1.6.2's
-crashes on numpy >= 2.4). ``eval.runner.run_suite`` is the only caller that matters: it locates each
-task's data (``eval.locate``) and hands it here. Nothing here knows about training.
+crashes on numpy >= 2.4). WinoGAViL is scored in ``eval.association``. ``eval.runner.run_suite`` is the
+only caller that matters: it locates each task's data (``eval.locate``) and hands it here. Nothing here
+knows about training.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from tqdm import tqdm
 from eval.classifier_cache import ClassifierCache
 from eval.locate import DataSource
 from eval.metrics import classification_metrics
-from eval.prompts import folder_prompts
+from eval.prompts import METACLIP, Prompts, task_prompts
 from eval.tasks import Task
 from eval.wds_folder import check_labels, count_retrieval_pairs, is_retrieval_dataset, shard_paths
 
@@ -73,7 +76,7 @@ def build_dataset(task: Task, src: DataSource, preprocess: Any, download: bool =
         if src.kind == "wds":
             shard_paths(src.path, src.split)
             # build_wds_dataset, not build_dataset: the latter asserts on a missing classnames.txt, while we fall
-            # back to the packaged lists (folder_prompts) and record which source was used
+            # back to the packaged lists (eval.prompts) and record which source was used
             with contextlib.redirect_stdout(io.StringIO()):  # its "classnames.txt not found" notices
                 return build_wds_dataset(f"wds/{src.path.name}", preprocess, split=src.split, data_dir=str(src.path))
         try:
@@ -93,12 +96,31 @@ def build_dataset(task: Task, src: DataSource, preprocess: Any, download: bool =
 
 
 def zero_shot_classifier(
-    model: torch.nn.Module, tokenizer: Any, classnames: list[str], templates: list[str], device: str, amp: bool
+    model: torch.nn.Module, tokenizer: Any, prompts: Prompts, device: str, amp: bool, chunk: int = 1024
 ) -> torch.Tensor:
-    """clip_benchmark's classifier: mean of L2-normalised template embeddings per class, renormalised."""
-    from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier as cb_classifier
+    """Class embeddings as columns (dim x classes), as MetaCLIP's clipeval and clip_benchmark build them.
 
-    return cb_classifier(model, tokenizer, classnames, templates, device, amp=amp)
+    Each class: every template filled with every one of its names, each text embedding L2-normalised, their
+    mean renormalised. Texts are encoded ``chunk`` at a time across classes (one forward per class is what
+    both references do; the result is the same up to float rounding).
+    """
+    texts, owner = [], []
+    for i in range(len(prompts.classes)):
+        batch = prompts.class_texts(i)
+        texts.extend(batch)
+        owner.extend([i] * len(batch))
+    sums: torch.Tensor | None = None
+    with torch.no_grad(), torch.autocast(device, enabled=amp):
+        for start in range(0, len(texts), chunk):
+            tokens = tokenizer(texts[start : start + chunk]).to(device)
+            emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
+            if sums is None:
+                sums = torch.zeros(len(prompts.classes), emb.shape[1], device=emb.device)
+            idx = torch.tensor(owner[start : start + chunk], device=emb.device)
+            sums.index_add_(0, idx, emb)
+    assert sums is not None, "no prompts"
+    counts = torch.bincount(torch.tensor(owner), minlength=len(prompts.classes)).to(sums.device)
+    return F.normalize(sums / counts[:, None], dim=-1).t()
 
 
 def image_logits(
@@ -139,21 +161,22 @@ def evaluate_classification(
     amp: bool = False,
     download: bool = False,
     progress: bool = True,
+    prompts: str = METACLIP,
 ) -> dict[str, Any]:
-    """One classification task scored by ``task.metric``; the classifier comes from ``cache``."""
+    """One classification task scored by ``task.metric``, with ``prompts``; the classifier comes from ``cache``."""
     if src.kind == "wds" and is_retrieval_dataset(src.path):
         raise ValueError(f"{task.name}: {src.path} is a retrieval folder (dataset_type.txt) but the task classifies")
     ds = build_dataset(task, src, preprocess, download)
     dataset_classes = getattr(ds, "classes", None) if src.kind == "builder" else None
-    classnames, templates, sources = folder_prompts(src.path, task.prompt_key, dataset_classes)
+    chosen = task_prompts(task, src.path, prompts, dataset_classes)
     dev = autocast_device(device)
-    with _cb_progress(progress):
-        clf = cache.get(
-            task.name,
-            classnames,
-            templates,
-            lambda: zero_shot_classifier(model, tokenizer, classnames, templates, dev, amp),
-        )
+    clf = cache.get(
+        task.name,
+        [list(c) for c in chosen.classes],
+        list(chosen.templates),
+        lambda: zero_shot_classifier(model, tokenizer, chosen, dev, amp),
+        prompt_source=chosen.source,
+    )
     if src.kind == "wds":  # webdataset hands each worker whole shards; an idle worker fails its empty check
         num_workers = min(num_workers, len(shard_paths(src.path, src.split)))
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, pin_memory=dev == "cuda")
@@ -163,14 +186,14 @@ def evaluate_classification(
         if "non-empty" in str(e) or "No samples found" in str(e) or "no samples" in str(e):
             raise ValueError(f"{task.name}: no samples in {src.path / src.split}") from e
         raise
-    check_labels(target, len(classnames), sources["classnames"])
+    check_labels(target, len(chosen.classes), chosen.files["classnames"])
     return {
         "task_type": "classification",
         **classification_metrics(logits, target, task.metric),
         "num_samples": len(target),
-        "num_classes": len(classnames),
-        "num_templates": len(templates),
-        "prompt_sources": sources,
+        "num_classes": len(chosen.classes),
+        "num_templates": len(chosen.templates),
+        **chosen.record(),
     }
 
 

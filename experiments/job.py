@@ -49,6 +49,11 @@ class PointSpec:
     def p(self) -> float:
         return float(self.config["p"])
 
+    @property
+    def seed(self) -> int:
+        """The training seed (a sweep axis with ``--seeds``); every task's config has one."""
+        return int(self.config.get("seed", 0))
+
 
 def setup_distributed() -> tuple[int, int]:
     """In a submitit job, export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; return (rank, world).
@@ -141,7 +146,7 @@ class PointJob(submitit.helpers.Checkpointable):
         if rank == 0:
             update_state(run_dir, state="finished", finished_at=now_iso(), steps=metrics.get("steps"))
             maybe_write_report(Path(spec.out))
-        return {"p": spec.p, "run_dir": spec.run_dir, "summary": metrics.get("summary")}
+        return {"p": spec.p, "seed": spec.seed, "run_dir": spec.run_dir, "summary": metrics.get("summary")}
 
     def _started(self, run_dir: Path) -> None:
         """state.json: running here, from this code; fail at once past the requeue budget (Slurm's own requeues)."""

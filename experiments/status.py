@@ -14,14 +14,21 @@ GONE = "job is gone from the queue without finishing; re-run the sweep to resubm
 
 
 def finished_runs(out: Path, points: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """Each point's metrics.json with its p and label, or None while any point has not finished."""
+    """Each point's metrics.json with its p, seed and label, or None while any point has not finished.
+
+    The label is the p and the mixing mode (``caption_mixing.mixconfig.run_label``), never the seed: the runs
+    of one label with different seeds are repeats the report aggregates.
+    """
     runs = []
     for point in points:
         run_dir = Path(out) / point["run_dir"]
         metrics_file = run_dir / "metrics.json"
         if read_state(run_dir).get("state") != "finished" or not metrics_file.exists():
             return None
-        runs.append({**json.loads(metrics_file.read_text()), "p": point["p"], "label": f"p={point['p']:g}"})
+        metrics = json.loads(metrics_file.read_text())
+        seed = point.get("seed", metrics.get("seed", 0))  # sweep.json before the seed axis: the run's own seed
+        label = metrics.get("label") or f"p={point['p']:g}"  # p and mode ("p=0.15 gate", "both w=0.5"), not seed
+        runs.append({**metrics, "p": point["p"], "seed": seed, "label": label})
     return runs
 
 
@@ -32,7 +39,7 @@ def maybe_write_report(out: Path) -> dict[str, Path] | None:
         manifest = read_manifest(out)
     except FileNotFoundError:
         return None
-    if len(manifest["points"]) < 2:  # a single point has no sweep to report (as the in-process sweep always did)
+    if len(manifest["points"]) < 2:  # one (p, seed) point has no sweep to report; one p with 3 seeds has
         return None
     runs = finished_runs(out, manifest["points"])
     if runs is None:
@@ -57,7 +64,7 @@ def _note(st: dict[str, Any], queued: dict[str, str]) -> str:
 
 
 def status_rows(out: Path) -> list[dict[str, Any]]:
-    """One row per point of the sweep: p, run folder, state, job id, requeues, progress, note."""
+    """One row per point of the sweep: p, seed, run folder, state, job id, requeues, progress, note."""
     out = Path(out)
     manifest = read_manifest(out)
     states = [read_state(out / pt["run_dir"]) for pt in manifest["points"]]
@@ -68,6 +75,7 @@ def status_rows(out: Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "p": point["p"],
+                "seed": point.get("seed", st.get("seed", "-")),
                 "run_dir": point["run_dir"],
                 "state": st.get("state", "pending"),
                 "job_id": str(st.get("job_id") or "") or "-",
@@ -82,7 +90,7 @@ def status_rows(out: Path) -> list[dict[str, Any]]:
 
 def format_status(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of status_rows."""
-    cols = ["p", "run_dir", "state", "job_id", "requeues", "last_checkpoint", "updated", "note"]
+    cols = ["p", "seed", "run_dir", "state", "job_id", "requeues", "last_checkpoint", "updated", "note"]
     cells = [[f"{r['p']:g}" if c == "p" else str(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]

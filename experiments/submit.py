@@ -67,6 +67,7 @@ def mark_submitted(spec: PointSpec, launcher: str, job_id: str | None) -> None:
         submitted_at=now_iso(),
         config_hash=spec.config_hash,
         p=spec.p,
+        seed=spec.seed,
         task=spec.task,
         code=spec.code,
         error=None,
@@ -151,7 +152,10 @@ def run_local(specs: list[PointSpec], res: Resources, folder: Path, code: CodeSn
             spec, slot = pending.pop(0), free.pop(0)
             job = _local_executor(folder, res, slots[slot], code, spec.max_requeues).submit(PointJob(spec))
             mark_submitted(spec, "local", job.job_id)
-            print(f"  local job {job.job_id}: p={spec.p:g} gpus={list(slots[slot]) or 'none'}", flush=True)
+            print(
+                f"  local job {job.job_id}: p={spec.p:g} seed={spec.seed} gpus={list(slots[slot]) or 'none'}",
+                flush=True,
+            )
             running.append((job, slot))
         time.sleep(poll_s)
         for job, slot in list(running):
@@ -163,6 +167,6 @@ def run_local(specs: list[PointSpec], res: Resources, folder: Path, code: CodeSn
 def run_inprocess(specs: list[PointSpec]) -> None:
     """Sequential: call each point's job here, one after the other (the live code, no snapshot)."""
     for i, spec in enumerate(specs):
-        print(f"=== {spec.task} p={spec.p:g} ({i + 1}/{len(specs)})", flush=True)
+        print(f"=== {spec.task} p={spec.p:g} seed={spec.seed} ({i + 1}/{len(specs)})", flush=True)
         mark_submitted(spec, "inprocess", None)
         PointJob(spec)()

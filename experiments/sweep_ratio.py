@@ -2,12 +2,15 @@
 
     python experiments/sweep_ratio.py --task clip --p 0.15          # or: caption-mixing-sweep ...
     python experiments/sweep_ratio.py --task clip --p 0,0.15,0.5,1.0 --out runs/sweep1
+    python experiments/sweep_ratio.py --task clip --p 0,0.15,1.0 --seeds 0,1,2 --out runs/sweep3  # mean ± std
     python experiments/sweep_ratio.py --task clip --p 0,0.15,0.5,1.0 --out runs/s --launcher slurm \
         --partition gpu --time 12:00:00 --dry-run
     python experiments/sweep_ratio.py status --out runs/s
 
 With no --launcher each point runs here, one after the other. --launcher slurm submits one Slurm
-job array (a job per point, resources from the preset's ``job:`` block and the flags below);
+job array (a job per point, resources from the preset's ``job:`` block and the flags below); a point is one
+(p, seed) pair, so ``--p 0,1 --seeds 0,1,2`` is 6 points, run folders ``<task>-<preset>-p<p>[-s<seed>]``
+(seed 0 keeps the plain name) and a report with mean ± std over the seeds;
 --launcher local runs submitit local jobs on this machine, at most one per free GPU set. Jobs run
 from a snapshot of the code taken at submission (<out>/.code/). Run folders keep a state.json;
 running the same sweep again skips finished points and resubmits failed or missing ones. With no
@@ -44,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="clip", help="what to train and evaluate")
     parser.add_argument("--p", default="0.15", help="synthetic-caption ratio, or a comma list like 0,0.15,1.0")
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="training seeds, a comma list like 0,1,2: every p runs once per seed and the report shows "
+        "mean ± std (default: the preset's seed, or --set seed=N)",
+    )
     parser.add_argument(
         "--preset", default="embedded", help="a preset of --task (clip_train/presets, t2i/presets) or a YAML file"
     )
@@ -122,14 +131,31 @@ def job_resources(args: argparse.Namespace, task: Task) -> resources.Resources:
     return res
 
 
+def parse_seed_list(text: str | None, flag: str = "--seeds") -> list[int] | None:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (duplicates merged, order kept); None when the flag is absent."""
+    if text is None:
+        return None
+    items = [t.strip() for t in str(text).split(",")]
+    if not text.strip() or any(not t.isdigit() for t in items):
+        raise ValueError(f"{flag}: {text!r} is not a comma-separated list of seeds (whole numbers >= 0) like 0,1,2")
+    return list(dict.fromkeys(int(t) for t in items))
+
+
 def point_specs(
     args: argparse.Namespace, task: Task, ps: list[float], out: Path, code: dict[str, Any]
 ) -> tuple[list, list[PointSpec]]:
-    """(configs, specs): each p's config, resolved once here, and the job spec carrying its fields."""
+    """(configs, specs): each (p, seed) point's config, resolved once here, and the job spec carrying its fields.
+
+    Points are ordered p-major (every seed of the first p, then the next p), so the runs of one p finish together.
+    """
     overrides = parse_overrides(args.overrides)
     if "p" in overrides:
         raise ValueError("--set p=... is not allowed; use --p")
-    configs = [task.load_config(args.preset, {**overrides, "p": p}) for p in ps]
+    seeds = parse_seed_list(args.seeds)
+    if seeds is not None and "seed" in overrides:
+        raise ValueError("--set seed=... and --seeds both name the seed; use --seeds (e.g. --seeds 0,1,2)")
+    points = [{"p": p} if seeds is None else {"p": p, "seed": seed} for p in ps for seed in (seeds or [None])]
+    configs = [task.load_config(args.preset, {**overrides, **point}) for point in points]
     testbed_dir = str(Path(args.testbed_dir).resolve()) if args.testbed_dir else None
     specs = [
         PointSpec(
@@ -159,7 +185,7 @@ def plan(specs: list[PointSpec], dry_run: bool) -> list[PointSpec] | None:
         return None
     for spec, (action, reason) in zip(specs, plans, strict=True):
         verb = "would run" if dry_run and action == "run" else action
-        print(f"  p={spec.p:g}  {Path(spec.run_dir).name}: {verb} ({reason})")
+        print(f"  p={spec.p:g} seed={spec.seed}  {Path(spec.run_dir).name}: {verb} ({reason})")
     return [spec for spec, (action, _) in zip(specs, plans, strict=True) if action == "run"]
 
 
@@ -221,12 +247,14 @@ def launch(
     code = snapshot.take(out) if launcher != "inprocess" and todo else snapshot.describe()
     if launcher != "inprocess":
         todo = [dataclasses.replace(spec, code=code.record()) for spec in todo]
-    points = [{"p": s.p, "run_dir": Path(s.run_dir).name, "config_hash": s.config_hash} for s in specs]
+    points = [{"p": s.p, "seed": s.seed, "run_dir": Path(s.run_dir).name, "config_hash": s.config_hash} for s in specs]
     overrides = parse_overrides(args.overrides)
     extra = {"launcher": launcher, "testbed_dir": specs[0].testbed_dir, "code": code.record()}
     state.write_manifest(out, task.name, args.preset, overrides, points, **extra)
     for spec in todo:
-        state.update_state(Path(spec.run_dir), state="pending", p=spec.p, task=spec.task, config_hash=spec.config_hash)
+        state.update_state(
+            Path(spec.run_dir), state="pending", p=spec.p, seed=spec.seed, task=spec.task, config_hash=spec.config_hash
+        )
     t0 = time.perf_counter()
     if launcher == "slurm":
         if not todo:
@@ -255,7 +283,9 @@ def summarize(task: Task, out: Path, specs: list[PointSpec], elapsed: float) -> 
     for spec in specs:
         metrics_file = Path(spec.run_dir) / "metrics.json"
         if metrics_file.exists():
-            runs.append({**json.loads(metrics_file.read_text()), "p": spec.p, "label": f"p={spec.p:g}"})
+            metrics = json.loads(metrics_file.read_text())
+            label = metrics.get("label") or f"p={spec.p:g}"  # the mode too: "p=0.15 gate", "both w=0.5"
+            runs.append({**metrics, "p": spec.p, "seed": spec.seed, "label": label})
         else:
             unfinished.append(spec)
     if unfinished:

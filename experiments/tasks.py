@@ -68,7 +68,7 @@ class Task:
 def _clip() -> Task:
     from clip_train.config import PRESET_DIR, load_config
     from clip_train.experiment import run_dir_for, run_point
-    from eval.report import format_table, write_sweep_report
+    from eval.seed_report import format_table, write_sweep_report
 
     return Task(
         name="clip",

@@ -68,6 +68,7 @@ class T2IConfig(MixingFields):
     caption_dropout: float = 0.1  # share of samples trained with the empty prompt (for CFG)
     precision: str = "fp32"  # fp32 | bf16
     gradient_checkpointing: bool = False
+    torch_compile: bool = False  # torch.compile the DiT (inductor); checkpoints and EMA keep plain weights
     # --- diffusion (DDPM linear schedule, epsilon prediction) ---
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4

@@ -1,7 +1,8 @@
 """Training inputs: caption-mixed image shards (encoded on the fly) or precomputed latent shards.
 
 Both start with ``caption_sample_stages`` from caption_mixing, so the caption of every sample is
-chosen by the same (seed, epoch, key) rule as in CLIP training, with the same options (n-way
+chosen by the same (seed, epoch, key) rule as in CLIP training (a repeated visit in an epoch draws
+again, see ``caption_mixing.pipeline.ShardVisits``), with the same options (n-way
 mixtures, fallback order, ``mix_mode``, ``p_schedule``); captions longer than the text encoder's
 context are fitted by the same ``long_captions`` policy. Latent shards keep the image shards'
 stems, so their synthetic captions come from the image shards' sidecars (``sidecar_dir``).
@@ -24,8 +25,10 @@ import webdataset as wds
 from caption_mixing.long_captions import fit_caption
 from caption_mixing.mixing import Mixture
 from caption_mixing.pipeline import (
+    DRAW_KEY,
     DataErrors,
     EpochBatches,
+    ShardVisits,
     SharedEpoch,
     batch_samples,
     caption_sample_stages,
@@ -86,26 +89,29 @@ class CaptionFit:
 
 def _to_tuple(field: str, fit: CaptionFit, epoch: SharedEpoch, transform=None):
     def fn(sample: dict) -> tuple:
-        x = sample[field]
+        x, draw = sample[field], sample.get(DRAW_KEY, sample["__key__"])
         return (
             transform(x) if transform is not None else x,
-            fit(sample["caption"], epoch.get(), sample["__key__"]),
+            fit(sample["caption"], epoch.get(), draw),
             sample["__key__"],
             sample["caption_source"],
             sample["caption_wanted"],
+            draw,
         )
 
     return fn
 
 
 def collate(samples: list[tuple]) -> dict[str, Any]:
-    xs, captions, keys, sources, wanted = zip(*samples, strict=True)
+    """``draws``: what each sample's per-visit draws hash (its key on a first visit; see ``visit_key``)."""
+    xs, captions, keys, sources, wanted, draws = zip(*samples, strict=True)
     return {
         "x": torch.stack(xs),
         "captions": list(captions),
         "keys": list(keys),
         "sources": list(sources),
         "wanted": list(wanted),
+        "draws": list(draws),
     }
 
 
@@ -126,16 +132,19 @@ def build_t2i_pipeline(
     fit: CaptionFit = CaptionFit(),
     blank_alt: str = "fallback",
     batches_per_epoch: int | None = None,
+    p_mode: str = "paper",
+    gate: object | None = None,
 ) -> torch.utils.data.IterableDataset:
     """Batches of ``x`` (images in [-1, 1] or latent moments) with the mixed caption of each sample.
 
     ``schedule`` sets p per epoch (``num_epochs`` is the run's length in epochs); ``fit`` shortens
-    captions longer than the text context; ``blank_alt`` is the rule for blank alt-text;
-    ``batches_per_epoch`` fixes an epoch's length per worker. Items follow caption_mixing's trainer
-    contract: every batch carries ``data_errors``, and counts left after a worker's last batch come
-    in an errors-only item (``caption_mixing.pipeline.iter_batches`` handles both).
+    captions longer than the text context; ``blank_alt`` is the rule for blank alt-text; ``p_mode``
+    ``"effective"`` raises the draw by each source's attach coverage; ``batches_per_epoch`` fixes an
+    epoch's length per worker. Items follow caption_mixing's trainer contract: every batch carries
+    ``data_errors``, and counts left after a worker's last batch come in an errors-only item
+    (``caption_mixing.pipeline.iter_batches`` handles both).
     """
-    errors = DataErrors()
+    errors, visits = DataErrors(), ShardVisits()
     stages = caption_sample_stages(
         shards,
         mixture=mixture,
@@ -147,6 +156,9 @@ def build_t2i_pipeline(
         num_epochs=num_epochs,
         blank_alt=blank_alt,
         errors=errors,
+        visits=visits,
+        p_mode=p_mode,
+        gate=gate,  # mix_mode=gate (caption_mixing.gate.GateSpec)
     )
     stages.append(shuffle_samples(shuffle_buffer, seed, epoch))
     if latents:
@@ -156,7 +168,7 @@ def build_t2i_pipeline(
         stages += [decode_images(errors), wds.map(_to_tuple("image", fit, epoch, transform))]
     stages.append(batch_samples(batch_size, collate, partial=False, errors=errors))
     pipeline = wds.DataPipeline(*stages)
-    return EpochBatches(pipeline, batches_per_epoch) if batches_per_epoch else pipeline
+    return EpochBatches(pipeline, batches_per_epoch, visits) if batches_per_epoch else pipeline
 
 
 def latents_sidecar_dir(pattern: str) -> str | None:

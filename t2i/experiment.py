@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from caption_mixing.atomic import atomic_write_text
+from caption_mixing.mixconfig import mode_tag
 from caption_mixing.shards import expand_shards
 from t2i.config import EMBEDDED, T2IConfig
 from t2i.train import DataSpec, ema_transformer, train
@@ -95,8 +96,10 @@ def resolve(cfg: T2IConfig, testbed_dir: str | None = None) -> Resolved:
 
 
 def run_dir_for(out: Path, cfg: T2IConfig) -> Path:
-    """``OUT/t2i-<preset>-p<p>`` (the sweep calls it through its task registry)."""
-    return rundir.run_dir_for(out, "t2i", cfg.preset, cfg.p)
+    """``OUT/t2i-<preset>-p<p>[-s<seed>]`` (no label for seed 0: ``training.rundir.seed_label``); the sweep calls it
+    through its task registry."""
+    label = "-".join(x for x in (mode_tag(cfg), rundir.seed_label(cfg.seed)) if x) or None  # mix_mode=gate: "-gate"
+    return rundir.run_dir_for(out, "t2i", cfg.preset, cfg.p, label=label)
 
 
 def preflight(cfg: T2IConfig, res: Resolved) -> None:

@@ -4,8 +4,9 @@ The shared runtime (``training``) supplies the process group (torchrun, srun and
 launch`` export the same variables), checkpoints, the resume state, the NaN/stop guard and the step
 log; accelerate supplies bf16 autocast, gradient accumulation and the DDP wrapper. Every rank reads
 its own shards through webdataset's split_by_node, and the caption of a sample depends on
-(seed, epoch, key) only. A run folder holds ``checkpoints/``, ``train_log.jsonl``, ``tensorboard/``
-and, after export, ``pipeline/`` (a diffusers PixArtAlphaPipeline folder with the EMA weights).
+(seed, epoch, key) only (and the visit, when a worker repeats its shards to fill an epoch). A run
+folder holds ``checkpoints/``, ``train_log.jsonl``, ``tensorboard/`` and, after export,
+``pipeline/`` (a diffusers PixArtAlphaPipeline folder with the EMA weights).
 Started again on the same folder, training resumes from the newest readable checkpoint at the same
 data position and ends at the same step count; a stop signal (Slurm's pre-timeout USR2, TERM)
 writes a checkpoint at that step and raises ``Preempted``.
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from caption_mixing.mixconfig import mixing_plan
 from caption_mixing.mixing import unit_hash
@@ -102,7 +104,7 @@ class Learner:
 
     def state_dict(self, accelerator: Accelerator) -> dict:
         return {
-            "state_dict": accelerator.unwrap_model(self.model).state_dict(),
+            "state_dict": accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict(),
             "ema": self.ema.shadow,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_sched.state_dict(),
@@ -111,7 +113,12 @@ class Learner:
 
 def make_accelerator(cfg: T2IConfig, env: DistEnv) -> Accelerator:
     """bf16 autocast, gradient accumulation and DDP; under torchrun/srun/accelerate launch it uses the
-    process group ``init_distributed`` joined (accelerate does not initialize a second one)."""
+    process group ``init_distributed`` joined (accelerate does not initialize a second one).
+
+    accelerate keeps its mixed-precision setting process-wide; it is reset first so points of a sweep
+    run in one process (an fp32 point, then a bf16 one) each get their own.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         gradient_accumulation_steps=cfg.grad_accum,
@@ -196,6 +203,8 @@ def training_loader(
         num_epochs=num_epochs,
         fit=fit,
         blank_alt=plan.blank_alt,
+        p_mode=plan.p_mode,
+        gate=plan.gate,
         # each worker repeats its shards if it must, so no rank runs short
         batches_per_epoch=math.ceil(micro_per_epoch / max(1, cfg.workers)) if micro_per_epoch else None,
     )
@@ -210,15 +219,19 @@ def warmup_constant(step: int, warmup: int) -> float:
 def vlb_loss(
     sched, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, var_values: torch.Tensor
 ) -> torch.Tensor:
-    """DiT/improved-DDPM variational bound for the learned-sigma half (eps is detached), in bits per dim."""
-    ac = sched.alphas_cumprod.to(x0.device)
-    betas = sched.betas.to(x0.device)
+    """DiT/improved-DDPM variational bound for the learned-sigma half (eps is detached), in bits per dim.
+
+    The schedule's tables are computed in float64 from the betas, as DiT does in numpy: in float32,
+    1 - alpha_bar_t at small t loses ~1e-4 of its value to cancellation.
+    """
+    betas = sched.betas.double().cpu()
+    ac = torch.cumprod(1 - betas, 0)
     ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
     post_var = betas * (1 - ac_prev) / (1 - ac)
     post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
 
     def at(a: torch.Tensor) -> torch.Tensor:
-        return a[t].view(-1, 1, 1, 1)
+        return a.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
 
     coef1 = at(betas * ac_prev.sqrt() / (1 - ac))
     coef2 = at((1 - ac_prev) * (1 - betas).sqrt() / (1 - ac))
@@ -256,10 +269,12 @@ def encode_batch(batch: dict, vae, cfg: T2IConfig, latents: bool, gen: torch.Gen
 
 
 def dropped_captions(batch: dict, cfg: T2IConfig, epoch: int) -> list[str]:
-    """Replace ``caption_dropout`` of captions by the empty prompt (deterministic per seed, epoch, key)."""
+    """Replace ``caption_dropout`` of captions by the empty prompt, deterministic per (seed, epoch, key) and
+    drawn again on a repeated visit in the epoch (``batch["draws"]``, as the caption choice)."""
+    draws = batch.get("draws", batch["keys"])
     return [
-        "" if unit_hash(cfg.seed, epoch, f"cfg-drop/{key}") < cfg.caption_dropout else cap
-        for cap, key in zip(batch["captions"], batch["keys"], strict=True)
+        "" if unit_hash(cfg.seed, epoch, f"cfg-drop/{draw}") < cfg.caption_dropout else cap
+        for cap, draw in zip(batch["captions"], draws, strict=True)
     ]
 
 
@@ -361,6 +376,8 @@ def train(
         state, last_ckpt = restore(ckpt_dir, env, learner)
         state.roll_over(micro_per_epoch)
         model, optimizer = learner.model, learner.optimizer = accelerator.prepare(learner.model, learner.optimizer)
+        if cfg.torch_compile:  # accelerator.unwrap_model (checkpoints, EMA) sees through the compiled wrapper
+            model = learner.model = torch.compile(model)
         epoch = SharedEpoch(state.epoch)
         num_epochs = run_epochs(cfg, data, steps, micro_per_epoch)
         loader = training_loader(cfg, data, epoch, micro_batch, num_epochs, micro_per_epoch, text.tokenizer)
@@ -395,7 +412,7 @@ def train(
                 if not accelerator.sync_gradients:
                     continue
                 micro = 0
-                learner.ema.update(accelerator.unwrap_model(model))
+                learner.ema.update(accelerator.unwrap_model(model, keep_torch_compile=False))
                 state.step += 1
                 logger.step()
                 if env.is_main and (state.step % cfg.log_every == 0 or state.step == steps):

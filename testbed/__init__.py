@@ -9,7 +9,9 @@ It is written in exactly the layout real data uses, so the same code paths run o
 * ``train/00000.tar ...`` -- img2dataset-style WebDataset shards with the alt-text as ``.txt``;
 * ``train/00000.altogether.json``, ``train/00000.scratch.json`` -- one caption sidecar per shard and
   synthetic source (see :mod:`caption_mixing.sidecar`), with the gaps real re-captioning runs have;
-* ``eval/{task}/`` -- clip_benchmark local-WebDataset folders (``wds/{task}``);
+* ``eval/{task}/`` -- clip_benchmark local-WebDataset folders (``wds/{task}``): the 64-way ``concept``
+  task, one 8-way fine-grained ``concept_<category>`` task per category, ``category``, ``color``,
+  ``count`` and ``retrieval`` (EVAL_TASKS), so concept recognition is most of the average, as in the paper;
 * ``testbed.json`` -- the manifest, written last and atomically, so a killed build is redone.
 
 The world is built so the phenomenon the project studies exists: images show 1-4 objects of one of
@@ -31,6 +33,7 @@ from testbed.world import (
     COLORS,
     CONCEPTS,
     EVAL_TASKS,
+    FINE_TASKS,
     GENERATOR_VERSION,
     NOTICE,
     SYNTHETIC_SOURCES,
@@ -44,6 +47,7 @@ __all__ = [
     "COLORS",
     "CONCEPTS",
     "EVAL_TASKS",
+    "FINE_TASKS",
     "GENERATOR_VERSION",
     "NOTICE",
     "SYNTHETIC_SOURCES",

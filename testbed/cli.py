@@ -46,7 +46,7 @@ def cli(args: argparse.Namespace) -> int:
     for src, st in train["sidecars"].items():
         print(f"sidecar:     {src}: {st['captions']} captions, {st['missing']} missing, {st['empty']} empty")
     for task, info in doc["eval"].items():
-        print(f"eval:        {task:<10} {info['num_samples']:>5} images  {tb.eval_tasks[task]}")
+        print(f"eval:        {task:<18} {info['num_samples']:>5} images  {tb.eval_tasks[task]}")
     print(f"notice:      {NOTICE}")
     return 0
 

@@ -13,9 +13,8 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: fine-grained concept tasks per category, larger eval sets (issue 18)
 SYNTHETIC_SOURCES = ("altogether", "scratch")
-EVAL_TASKS = ("concept", "category", "color", "count", "retrieval")
 
 MANIFEST_NAME = "testbed.json"
 NOTICE = "Synthetic testbed for exercising the suite; its numbers are not paper results."
@@ -138,6 +137,11 @@ CATEGORY_PLURALS = {
     "shell": "shells",
 }
 CATEGORIES: tuple[str, ...] = tuple(TAXONOMY)
+# Eval tasks, weighted like the paper's 26-task average: mostly long-tail concept recognition (the 64-way
+# ``concept`` task, ImageNet-like, and one 8-way fine-grained task per category, like CUB or Flowers),
+# then coarse ``category``, the attributes ``color`` and ``count``, and ``retrieval`` with dense captions.
+FINE_TASKS: tuple[str, ...] = tuple(f"concept_{cat}" for cat in CATEGORIES)
+EVAL_TASKS: tuple[str, ...] = ("concept", *FINE_TASKS, "category", "color", "count", "retrieval")
 # Marking patterns; the i-th species of every category wears PATTERNS[i].
 PATTERNS = ("solid", "hstripes", "vstripes", "dots", "checker", "hollow", "center_dot", "cross")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -183,19 +187,16 @@ CONCEPTS: tuple[Concept, ...] = tuple(
 )
 
 # clip_benchmark zero-shot templates per classification task.
+_OBJECT_TEMPLATES = (
+    "a photo of a {c}.",
+    "a blurry photo of a {c}.",
+    "a close-up photo of the {c}.",
+    "a photo of a small {c}.",
+)
 EVAL_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "concept": (
-        "a photo of a {c}.",
-        "a blurry photo of a {c}.",
-        "a close-up photo of the {c}.",
-        "a photo of a small {c}.",
-    ),
-    "category": (
-        "a photo of a {c}.",
-        "a blurry photo of a {c}.",
-        "a close-up photo of the {c}.",
-        "a photo of a small {c}.",
-    ),
+    "concept": _OBJECT_TEMPLATES,
+    **{task: _OBJECT_TEMPLATES for task in FINE_TASKS},
+    "category": _OBJECT_TEMPLATES,
     "color": ("a photo of a {c} object.", "a {c} thing.", "something {c}."),
     "count": ("a photo of {c} objects.", "{c} things in a picture."),
 }
@@ -210,9 +211,11 @@ class TestbedConfig:
     num_train: int = 20_000
     shard_size: int = 1_000
     image_size: int = 64
-    eval_per_class: int = 20  # concept task: 64 classes x 20
-    eval_per_class_small: int = 50  # category/color tasks (8 classes x 50); count task 4 x 100 (2x this)
-    num_retrieval: int = 500
+    eval_per_class: int = 32  # concept task: 64 classes x 32
+    # category/color tasks and each fine-grained concept_<category> task: 8 classes x 125; count: 4 x 250.
+    # ~1000 images per task, so two equally good models differ by < 2 points on a task by sampling alone.
+    eval_per_class_small: int = 125
+    num_retrieval: int = 1000
     seed: int = 0
 
     def fingerprint(self) -> str:
@@ -228,6 +231,7 @@ class TestbedConfig:
         """Number of images per eval task."""
         return {
             "concept": len(CONCEPTS) * self.eval_per_class,
+            **{f"concept_{cat}": len(TAXONOMY[cat][1]) * self.eval_per_class_small for cat in CATEGORIES},
             "category": len(CATEGORIES) * self.eval_per_class_small,
             "color": len(COLORS) * self.eval_per_class_small,
             "count": len(COUNT_WORDS) * 2 * self.eval_per_class_small,

@@ -35,6 +35,7 @@ from testbed.world import (
     COUNT_WORDS,
     EVAL_TASKS,
     EVAL_TEMPLATES,
+    FINE_TASKS,
     MANIFEST_NAME,
     POSITIONS,
     Concept,
@@ -54,6 +55,14 @@ def train_concept_probs(seed: int) -> np.ndarray:
             ranks[ci * 8 + species_order[ci][block]] = block * 8 + j
     weights = 1.0 / (ranks + 1.0) ** 1.1
     return weights / weights.sum()
+
+
+def fine_classes(task: str) -> list[Concept]:
+    """The species of a fine-grained task ``concept_<category>``, in label order."""
+    category = task.removeprefix("concept_")
+    if task not in FINE_TASKS:
+        raise KeyError(f"{task!r} is not a fine-grained testbed task ({', '.join(FINE_TASKS)})")
+    return [c for c in CONCEPTS if c.category == category]
 
 
 def _sample_attrs(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -168,6 +177,9 @@ def _eval_items(task: str, cfg: TestbedConfig, rng: np.random.Generator) -> list
     if task == "concept":
         for c in CONCEPTS:
             items += [(c, color_names[rng.integers(8)], 1, c.index) for _ in range(cfg.eval_per_class)]
+    elif task in FINE_TASKS:  # the species of one category, labelled 0..7 in pattern order
+        for k, c in enumerate(fine_classes(task)):
+            items += [(c, color_names[rng.integers(8)], 1, k) for _ in range(cfg.eval_per_class_small)]
     elif task == "category":
         for ci in range(len(CATEGORIES)):
             for _ in range(cfg.eval_per_class_small):
@@ -219,6 +231,7 @@ def write_eval_task(
     else:
         classnames = {
             "concept": [c.name for c in CONCEPTS],
+            **{fine: [c.name for c in fine_classes(fine)] for fine in FINE_TASKS},
             "category": list(CATEGORIES),
             "color": list(COLORS),
             "count": list(COUNT_WORDS),

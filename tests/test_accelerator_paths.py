@@ -23,7 +23,6 @@ No code path uses channels-last, so there is none to test.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -31,7 +30,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from experiments.tasks import get_task
 from testbed import Testbed, TestbedConfig, build_testbed
@@ -204,7 +202,7 @@ def test_eval_under_autocast_is_close_to_fp32(testbed: Testbed, clip_runs: dict[
 
 
 def reset_accelerate() -> None:
-    """accelerate keeps one process-wide state: a bf16 Accelerator after an fp32 one raises (see the xfail)."""
+    """accelerate keeps one process-wide state; tests start from a clean one (the trainer resets it too)."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -256,12 +254,6 @@ def test_t2i_gradient_checkpointing_is_used_and_exact(t2i_runs: dict[str, Path])
             assert torch.allclose(tensor, b[part][name], atol=CKPT_TOL, rtol=0), (part, name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="t2i.train.make_accelerator does not reset accelerate's process-wide AcceleratorState, so a bf16 "
-    "point after an fp32 point in one process raises 'AcceleratorState has already been initialized'",
-)
 def test_t2i_precision_can_change_between_points_in_one_process(t2i_world: dict, tmp_path: Path) -> None:
     task = get_task("t2i")
     common = {**t2i_world["overrides"], "max_steps": 1, "checkpoint_every": 1}
@@ -274,33 +266,17 @@ def test_t2i_precision_can_change_between_points_in_one_process(t2i_world: dict,
 
 
 @pytest.mark.skipif(inductor_missing() is not None, reason=str(inductor_missing()))
-def test_tiny_dit_torch_compile_matches_eager() -> None:
-    """t2i has no torch_compile key: the DiT it builds (t2i.model.build_transformer) compiled directly."""
-    from t2i.model import build_transformer
-
-    cfg = get_task("t2i").load_config(
-        "embedded", {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "latent_size": 4}
-    )
-    torch.manual_seed(0)
-    eager = build_transformer(cfg, 16).train()
-    twin = copy.deepcopy(eager)
-    g = torch.Generator().manual_seed(1)
-    c, s, n = cfg.latent_channels, cfg.latent_size, 8
-    noisy, noise = torch.randn(4, c, s, s, generator=g), torch.randn(4, c, s, s, generator=g)
-    hidden, mask = torch.randn(4, n, 16, generator=g), torch.ones(4, n, dtype=torch.long)
-    t = torch.randint(0, 1000, (4,), generator=g)
-
-    def step(model: torch.nn.Module) -> float:
-        out = model(noisy, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask).sample.float()
-        loss = F.mse_loss(out[:, :c], noise)
-        loss.backward()
-        return loss.item()
-
-    assert step(torch.compile(twin)) == pytest.approx(step(eager), rel=COMPILE_REL)
-    checked = 0
-    for (name, p), q in zip(eager.named_parameters(), twin.parameters(), strict=True):
-        if p.grad is not None:
-            err = (p.grad - q.grad).abs().max().item()
-            assert err <= COMPILE_REL * p.grad.abs().max().item() + 1e-8, (name, err)
-            checked += 1
-    assert checked > 10
+def test_t2i_torch_compile_matches_eager(t2i_world: dict, t2i_runs: dict[str, Path], tmp_path: Path) -> None:
+    """``torch_compile: true`` trains the compiled DiT; checkpoints and EMA hold the plain module's weights."""
+    compiled = run_t2i(t2i_world, tmp_path / "compiled", torch_compile=True)
+    reset_accelerate()
+    assert losses(compiled) == pytest.approx(losses(t2i_runs["fp32"]), rel=COMPILE_REL)
+    a, b = final_state(t2i_runs["fp32"]), final_state(compiled)
+    # Parameters whose exact gradient is 0 (attention key biases) get rounding noise that AdamW turns into
+    # steps of up to lr each, so weights agree to 2 x steps x lr, not to the rounding error.
+    cfg = json.loads((compiled / "config.json").read_text())
+    atol = 2 * 2 * cfg["lr"]
+    for part in ("state_dict", "ema"):
+        assert set(a[part]) == set(b[part]), part  # no "_orig_mod." prefixes
+        for name, tensor in a[part].items():
+            assert torch.allclose(tensor, b[part][name], atol=atol, rtol=0), (part, name)

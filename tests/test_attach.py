@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from caption_mixing import attach as attach_mod
+from caption_mixing import shard_join, storage
 from caption_mixing.__main__ import main as cli
 from caption_mixing.caption_index import CaptionIndex, DuplicateKeyError
 from caption_mixing.sidecar import SidecarError, read_sidecar, sidecar_path
@@ -96,7 +97,7 @@ def test_attach_killed_while_staging_resumes_without_rereading_done_shards(tmp_p
         str(side),
     ]
     monkeypatch.setattr(attach_mod, "SAVE_EVERY_S", 0.0)
-    real_write, real_read = attach_mod.write_sidecar, attach_mod.read_shard
+    real_write, real_read = attach_mod.write_sidecar, shard_join.read_shard
 
     def killed_on_second(path, *a, **kw):
         if len(list(side.glob(".*.staged"))) == 1:
@@ -112,7 +113,7 @@ def test_attach_killed_while_staging_resumes_without_rereading_done_shards(tmp_p
     read = []
     monkeypatch.setattr(attach_mod, "write_sidecar", real_write)
     monkeypatch.setattr(
-        attach_mod, "read_shard", lambda shard, *a: read.append(Path(shard).name) or real_read(shard, *a)
+        shard_join, "read_shard", lambda shard, *a: read.append(Path(shard).name) or real_read(shard, *a)
     )
     assert cli(args) == 0
     assert read == ["00001.tar", "00002.tar"]  # the staged shard was not read again
@@ -139,10 +140,10 @@ def test_attach_killed_while_renaming_is_finished_by_the_rerun(tmp_path: Path, m
             renamed.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(attach_mod.os, "replace", killed_after_first)
+    monkeypatch.setattr(storage.os, "replace", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
         cli([*base, "--captions", str(new)])
-    monkeypatch.setattr(attach_mod.os, "replace", real_replace)
+    monkeypatch.setattr(storage.os, "replace", real_replace)
     assert {c.split()[0] for c in _sidecars_in(tmp_path / "s", "syn").values()} == {"old", "new"}  # half renamed
     assert cli([*base, "--captions", str(new)]) == 0
     assert _sidecars_in(tmp_path / "s", "syn") == {k: f"new {k}" for k in keys}
@@ -229,3 +230,80 @@ def test_sidecar_written_for_another_shard_is_refused(tmp_path: Path) -> None:
     (tmp_path / "00000.altogether.json").write_bytes((tmp_path / "00001.altogether.json").read_bytes())
     with pytest.raises(SidecarError, match="written for shard '00001.tar', not '00000.tar'"):
         read_sidecar(tmp_path / "00000.altogether.json", shard=tmp_path / "00000.tar")
+
+
+def _scan_both(url: str, want: tuple[str, ...]) -> tuple[list, list]:
+    """attach's reader and the training reader on one shard: samples, then (kind, offset, key, samples) on damage."""
+    from caption_mixing.shards import ShardReadError, read_tar_samples, scan_shard
+
+    try:
+        fast = (scan_shard(url, want), None)
+    except ShardReadError as e:
+        fast = (e.samples_read, (e.kind, e.offset, e.key, e.samples))
+    samples: list[dict] = []
+    try:
+        samples.extend(read_tar_samples(url, want))
+        slow = (samples, None)
+    except ShardReadError as e:
+        slow = (samples, (e.kind, e.offset, e.key, e.samples))
+    return fast, slow
+
+
+@pytest.mark.parametrize(
+    "layout", ["ustar", "gnu_long_names", "pax", "gzip", "cut_in_data", "cut_at_header", "garbage"]
+)
+def test_attach_reader_matches_the_training_reader(tmp_path: Path, layout: str) -> None:
+    """``scan_shard`` parses headers itself and seeks past unwanted data; on every layout (and damage)
+    it yields what ``iter_tar_samples`` does, falling back to tarfile for the headers it does not parse."""
+    import gzip
+
+    names = [f"{'sub/' * 40 if layout == 'gnu_long_names' else ''}{i:04d}" for i in range(5)]
+    fmt = {"gnu_long_names": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}.get(layout, tarfile.USTAR_FORMAT)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for key in names:
+            for ext, data in (("jpg", jpeg_bytes((1, 2, 3))), ("TXT", "café".encode()), ("json", b'{"u": 1}')):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                if layout == "pax":
+                    info.pax_headers = {"comment": "x" * 50}
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    shard = tmp_path / "00000.tar"
+    if layout == "gzip":
+        data = gzip.compress(data)
+    elif layout == "cut_in_data":
+        data = data[: 512 * 9 + 700]
+    elif layout == "cut_at_header":
+        data = data[: 512 * 6]
+    elif layout == "garbage":
+        data = data[: 512 * 6] + bytes(range(256)) * 4
+    shard.write_bytes(data)
+    for want in (("json",), ("jpg", "txt"), ()):
+        fast, slow = _scan_both(str(shard), want)
+        assert fast == slow, (layout, want)
+    if layout in ("cut_in_data", "cut_at_header", "garbage"):
+        assert fast[1] is not None and fast[1][3] == len(fast[0]) < len(names)
+    else:
+        assert fast[1] is None and [s["__key__"] for s in fast[0]] == names
+
+
+def test_reader_processes_give_the_same_sidecars_and_report(tmp_path: Path, capsys) -> None:
+    """``--workers 2`` reads and joins shards in other processes: same sidecars, same report counts;
+    a shard that is not a tar still stops the attach naming it, with nothing installed."""
+    pattern, keys = make_shards(tmp_path / "s", n_shards=9, per_shard=6, source="unused")
+    caps = _write(tmp_path / "c.jsonl", _records(keys[:-5]))
+    base = ["attach", "--shards", pattern, "--captions", str(caps), "--quiet", "--min-coverage", "0.5"]
+    counts = {}
+    for workers in ("0", "2"):
+        side = tmp_path / f"side{workers}"
+        assert cli([*base, "--name", "r", "--sidecar-dir", str(side), "--workers", workers]) == 0
+        report = json.loads((side / "r.attach.json").read_text())
+        counts[workers] = {k: report[k] for k in ("samples", "matched", "missing", "extra_keys", "sources")}
+        assert _sidecars_in(side, "r") == {k: f"dense caption {k}" for k in keys[:-5]}
+    assert counts["0"] == counts["2"]
+    (tmp_path / "s" / "00004.tar").write_bytes(b"not a tar at all" * 64)
+    capsys.readouterr()
+    assert cli([*base, "--name", "q", "--workers", "2"]) == 1
+    assert "00004.tar is unreadable at byte 0" in capsys.readouterr().err
+    assert not list((tmp_path / "s").glob("*.q.json")) and not list((tmp_path / "s").glob(".*.staged"))

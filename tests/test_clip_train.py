@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -292,3 +293,90 @@ def test_cli_refuses_a_file_as_out_and_a_derived_key(tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err
     assert info.value.code == 2 and "set samples_seen instead" in err and "did you mean" not in err
     assert not (tmp_path / "runs").exists()
+
+
+# Issue 14: per-visit draws on resampled streams, resumed exactly; fp16 AMP with a GradScaler
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resampled_run_resumed_mid_epoch_trains_on_what_an_uninterrupted_run_trains_on(
+    testbed_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resampled=true, 2 steps per epoch, 6 steps: a run killed after the step-3 checkpoint (epoch 1,
+    micro-batch 1) and started again replays epoch 1's shard draws and visit counts, so it trains on the
+    uninterrupted run's samples with the same captions (webdataset's ResampledShards restarted its own
+    epoch count in the new process and drew other shards)."""
+    import clip_train.train as clip_train_loop
+
+    tb = Testbed.load(testbed_dir)
+    overrides = {**FAST, "samples_seen": 6 * 32, "checkpoint_every": 3, "train_num_samples": 64, "resampled": True}
+    cfg = ClipTrainConfig(**{**load_config("embedded", overrides).__dict__, "keep_last": 5, "logger": "none"})
+    seen: list[list[tuple[str, str]]] = []
+    to_device = clip_train_loop.to_device
+
+    def recording(batch: dict, device: str):
+        seen.append(list(zip(batch["keys"], batch["sources"], strict=True)))
+        return to_device(batch, device)
+
+    monkeypatch.setattr(clip_train_loop, "to_device", recording)
+    run = tmp_path / "run"
+    uninterrupted = load_checkpoint(clip_train_loop.train(cfg, run, tb.train_shards))
+    first, seen[:] = list(seen), []
+    (run / "checkpoints" / "step_00000006.pt").unlink()  # as if killed after the step-3 checkpoint
+    assert load_checkpoint(run / "checkpoints" / "step_00000003.pt")["epoch"] == 1
+    resumed = load_checkpoint(clip_train_loop.train(cfg, run, tb.train_shards))
+    assert len(first) == 6 and seen == first[3:]  # samples and their caption sources, batch by batch
+    assert resumed["step"] == 6 and resumed["mixing"] == uninterrupted["mixing"]
+
+
+class _Tiny(torch.nn.Module):
+    """A linear map with CLIP's logit_scale, enough for ``optimizer_step``'s clamp."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 3)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(5.0))  # above ln(100): clamped by every step
+
+
+def _step_with(scaler: torch.amp.GradScaler | None, clip: float | None, poison: bool = False) -> _Tiny:
+    from clip_train.step import optimizer_step
+
+    model = _Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.linspace(-1, 1, 8).view(2, 4)
+    loss = (model.lin(x) ** 2).sum() * 100 + model.logit_scale
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if poison:
+        model.lin.weight.grad[0, 0] = float("inf")  # an fp16 overflow
+    optimizer_step(model, opt, scaler, clip)
+    return model
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_optimizer_step_with_a_grad_scaler_unscales_before_clipping(clip: float | None) -> None:
+    """``precision: amp``'s update (issue 14 item 7): a GradScaler, enabled or not, gives the fp32 update,
+    clipping applies to the unscaled gradient, and an overflowing step is skipped with the scale halved.
+    torch's GradScaler and fp16 autocast run on CPU (the end-to-end run: tests/test_accelerator_paths.py)."""
+    ref = _step_with(None, clip)
+    assert ref.logit_scale.item() == pytest.approx(math.log(100))
+    for scaler in (torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", init_scale=2.0**16)):
+        got = _step_with(scaler, clip)
+        for (name, a), b in zip(ref.named_parameters(), got.parameters(), strict=True):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (scaler.is_enabled(), name)
+        if scaler.is_enabled():
+            assert scaler.get_scale() == 2.0**16  # no overflow: the scale is kept
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    skipped = _step_with(scaler, clip, poison=True)
+    assert torch.equal(skipped.lin.weight, _Tiny().lin.weight) and scaler.get_scale() == 2.0**15
+    assert skipped.logit_scale.item() == pytest.approx(math.log(100))  # still clamped
+
+
+def test_b32_preset_says_why_it_trains_in_bf16_and_amp_is_the_metaclip_alternative() -> None:
+    text = (REPO / "clip_train" / "presets" / "vit-b-32.yaml").read_text()
+    assert "MetaCLIP's B/32 config trains with fp16 AMP" in text and "--set precision=amp" in text
+    readme = (REPO / "README.md").read_text()
+    presets_part = readme[readme.index("### Presets") : readme.index("### Training CLIP at scale")]
+    assert "fp16 AMP" in presets_part and "precision=amp" in presets_part
+    cfg = load_config("vit-b-32", {"train_shards": "/data/x.tar", "precision": "amp"})
+    assert cfg.precision == "amp" and load_config("vit-b-32", {"train_shards": "/data/x.tar"}).precision == "amp_bf16"

@@ -52,7 +52,7 @@ def test_matches_clip_benchmark_cli(tmp_path):
     out = tmp_path / "ours"
     code = main(["zeroshot", "--checkpoint", str(ckpt), "--model", TINY_MODEL, "--model-config-dir", str(cfg),
                  "--tasks", "cifar10,flickr30k", "--dataset-root", str(root), "--out", str(out), "--num-workers", "0",
-                 "--batch-size", "5"])  # fmt: skip
+                 "--batch-size", "5", "--prompts", "clip_benchmark"])  # fmt: skip
     assert code == 0
     ours_cls = json.loads((out / "tasks" / "cifar10.json").read_text())
     ours_ret = json.loads((out / "tasks" / "flickr30k.json").read_text())

@@ -26,10 +26,11 @@ def test_paper_columns_and_metrics():
     }
     assert metric["Kinetics700"] == "top1_top5_mean" and metric["HatefulMemes"] == "roc_auc"
     assert sum(v == "acc1" for v in metric.values()) == 20
-    assert REGISTRY["eurosat"].paper_split == "val"
+    assert REGISTRY["eurosat"].paper_split == "test" and REGISTRY["eurosat"].wds_dirs == ("wds_vtab-eurosat",)
     assert REGISTRY["resisc45"].wds_dirs[0] == "wds_vtab-resisc45"
     assert REGISTRY["sst2"].cb_name == "renderedsst2" and REGISTRY["cub"].cb_name is None
-    assert all(m in REGISTRY for ms in DATACOMP_GROUPS.values() for m in ms if m != "winogavil")
+    assert all(m in REGISTRY for ms in DATACOMP_GROUPS.values() for m in ms)  # WinoGAViL included
+    assert REGISTRY["winogavil"].metric == "jaccard_score_10-12" and REGISTRY["winogavil"].kind == "association"
 
 
 def test_every_paper_task_has_templates_and_the_new_ones_have_data_files():
@@ -55,8 +56,9 @@ def test_folder_prompts_prefer_the_folder_then_packaged(tmp_path):
 
 def test_parse_task_spec_groups_names_and_typos():
     assert [t.name for t in parse_task_spec("paper26")] == [t.name for t in PAPER_TASKS]
-    assert [t.name for t in parse_task_spec("retrieval,imagenet1k,flickr30k")] == ["flickr30k", "mscoco", "imagenet1k"]
-    assert "winogavil" not in TASK_SETS["datacomp"]
+    retrieval = ["flickr30k", "mscoco", "winogavil"]  # DataComp's Retrieval group
+    assert [t.name for t in parse_task_spec("retrieval,imagenet1k,flickr30k")] == [*retrieval, "imagenet1k"]
+    assert "winogavil" in TASK_SETS["datacomp"]
     assert [t.name for t in parse_task_spec("datacomp")] == list(TASK_SETS["datacomp"])
     with pytest.raises(ValueError, match="--tasks: unknown task 'cifar1000'; did you mean cifar100"):
         parse_task_spec("imagenet1k,cifar1000")
@@ -74,8 +76,8 @@ def test_testbed_group_reads_the_testbeds_eval_folders(tmp_path):
     assert looked_for(REGISTRY["concept"], tmp_path) == [tmp_path / "concept"]  # <testbed>/eval/<name>/
     (tmp_path / "count" / "test").mkdir(parents=True)
     assert locate(REGISTRY["count"], tmp_path).path == tmp_path / "count"
-    # a group name wins: `retrieval` alone is Flickr30k + COCO, the testbed's set comes with `testbed`
-    assert [t.name for t in parse_task_spec("retrieval")] == ["flickr30k", "mscoco"]
+    # a group name wins: `retrieval` alone is Flickr30k + COCO + WinoGAViL, the testbed's set comes with `testbed`
+    assert [t.name for t in parse_task_spec("retrieval")] == ["flickr30k", "mscoco", "winogavil"]
 
 
 def test_parse_task_spec_adhoc_items(tmp_path):
@@ -91,8 +93,8 @@ def test_parse_task_spec_adhoc_items(tmp_path):
     assert air.local_path == str(tmp_path / "air") and looked_for(air, None) == [tmp_path / "air"]
     assert (color.metric, color.local_path) == ("acc1", str(tmp_path / "c"))
     eurosat = parse_task_spec(f"eurosat={tmp_path / 'eu'}")[0]
-    (tmp_path / "eu" / "test").mkdir(parents=True)  # paper split val absent: test read, and noted
-    assert locate(eurosat, None).split == "test" and "val" in locate(eurosat, None).split_note
+    (tmp_path / "eu" / "test").mkdir(parents=True)  # EuroSAT: the published VTAB test split
+    assert locate(eurosat, None).split == "test" and not locate(eurosat, None).split_note
     # the same task twice is merged; one name with two sources is refused
     assert [t.name for t in parse_task_spec("cifar10,paper26")][:2] == ["cifar10", "imagenet1k"]
     with pytest.raises(ValueError, match="'cifar10' is given twice"):
@@ -114,6 +116,15 @@ def test_tasks_command_prints_registry(tmp_path, capsys):
     assert str(tmp_path / "wds_vtab-kitti_closest_vehicle_distance") in out
     assert str(tmp_path / "cifar10") in out  # clip_benchmark's builder folder is also looked at
     assert "dev (as test/)" in out  # HatefulMemes: the original split `prepare` stores as test/
-    lines = [ln.split()[1] for ln in out.splitlines() if ln[:1].isdigit()][:26]
-    assert lines == [t.name for t in PAPER_TASKS]
+    rows = {ln.split()[1]: ln for ln in out.splitlines() if ln[:1].isdigit()}
+    assert [ln.split()[1] for ln in out.splitlines() if ln[:1].isdigit()][:26] == [t.name for t in PAPER_TASKS]
     assert looked_for(REGISTRY["cub"], tmp_path) == [tmp_path / "wds_cub"]
+    # per task: the split, the standard split's size and where the prompts come from (issue 14)
+    assert "metaclip:FacialEmotionRecognition2013 (7 classes, 12 names x 6 templates)" in rows["fer2013"]
+    assert " test " in rows["eurosat"] and " 5,400 " in rows["eurosat"] and "wds_vtab-eurosat" in rows["eurosat"]
+    assert f"(refused: {tmp_path / 'sun397'})" in rows["sun397"] and " 19,850 " in rows["sun397"]
+    assert "'A/An <cue>' (DataComp)" in rows["winogavil"] and " 3,563 " in rows["winogavil"]
+    assert "folder files" in rows["concept"]
+    assert main(["tasks", "--prompts", "clip_benchmark"]) == 0
+    rows = {ln.split()[1]: ln for ln in capsys.readouterr().out.splitlines() if ln[:1].isdigit()}
+    assert "clip_benchmark:fer2013" in rows["fer2013"] and "metaclip" not in rows["fer2013"]

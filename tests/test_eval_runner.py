@@ -72,16 +72,18 @@ def _direct_mean_r1(clip, items) -> float:
 
 
 def test_zeroshot_cli_metrics_missing_and_summary(setup, tmp_path, capsys):
+    """Metrics against a direct computation with the folders' own prompts (``--prompts clip_benchmark``)."""
     _, _, _, root, items = setup
     out = tmp_path / "out"
     tasks = "cifar10,fgvc_aircraft,kinetics700,hateful_memes,cub,flickr30k,mscoco"
+    cb = ("--prompts", "clip_benchmark")
     # cub and mscoco have no data: the up-front check stops before the model loads, naming both
-    assert _cli(setup, out, tasks, "--p", "0.15") == 2
+    assert _cli(setup, out, tasks, "--p", "0.15", *cb) == 2
     err = capsys.readouterr().err
     assert f"cub: no data found; looked for {root / 'wds_cub'}" in err and "mscoco: no data found" in err
     assert not (out / "tasks").exists()
     # --keep-going opts into partial evaluation: missing tasks listed, averages say over how many
-    assert _cli(setup, out, tasks, "--p", "0.15", "--keep-going") == 0
+    assert _cli(setup, out, tasks, "--p", "0.15", "--keep-going", *cb) == 0
     assert "warning: cub: no data found" in capsys.readouterr().err
     res = {p.stem: json.loads(p.read_text()) for p in (out / "tasks").glob("*.json")}
     assert set(res) == set(tasks.split(","))
@@ -89,12 +91,13 @@ def test_zeroshot_cli_metrics_missing_and_summary(setup, tmp_path, capsys):
     direct = {name: direct_classification(clip, items[name]) for name in ("cifar10", "fgvc_aircraft", "kinetics700")}
     for name, key in [("cifar10", "acc1"), ("fgvc_aircraft", "mean_per_class_recall")]:
         assert res[name]["main_metric"] == key and res[name][key] == pytest.approx(direct[name][key])
-        assert res[name]["precision"] == "fp32"
+        assert res[name]["precision"] == "fp32" and res[name]["prompt_source"] == "clip_benchmark"
     k700 = direct["kinetics700"]
     assert res["kinetics700"]["top1_top5_mean"] == pytest.approx((k700["acc1"] + k700["acc5"]) / 2)
     assert res["kinetics700"]["main_metric"] == "top1_top5_mean"
     assert res["flickr30k"]["mean_recall@1"] == pytest.approx(_direct_mean_r1(clip, items["flickr30k"]))
-    assert res["flickr30k"]["size_note"].startswith("the paper's split has 1000 images")  # the fixture has 12
+    assert res["flickr30k"]["size_note"].startswith("the standard test split has 1000 images")  # the fixture: 12
+    assert res["flickr30k"]["expected_samples"] == 1000 and res["flickr30k"]["num_samples"] == 12
     assert res["cub"] == {"task": "cub", "status": "missing", "path": str(root / "wds_cub"),
                           "looked_for": [str(root / "wds_cub")], "main_metric": "acc1",
                           "reason": f"no data found; looked for {root / 'wds_cub'}"}  # fmt: skip
@@ -113,6 +116,7 @@ def test_zeroshot_cli_metrics_missing_and_summary(setup, tmp_path, capsys):
     assert summary["datacomp_groups"]["IN dist. shift"]["average_note"] == "no member of the group was evaluated"
     # cifar10, fgvc_aircraft and kinetics700 fixtures share class names and templates: one classifier
     assert summary["classifier_cache"] == {"hits": 2, "misses": 2} and summary["precision"] == "fp32"
+    assert summary["prompts"] == "clip_benchmark"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["p"] == 0.15 and metrics["label"] == "p=0.15" and set(metrics["tasks"]) == set(res)
     assert metrics["schema"] == "caption-mixing/metrics/1" and metrics["summary"]["average_over"] == "5/7"
@@ -134,10 +138,10 @@ def test_classifier_cache_keys_and_reuse(setup, tmp_path):
     model, tok, pre = _model(setup)
     cache = ClassifierCache("model@sha256:x", tmp_path / "cache")
     tasks = parse_task_spec("cifar10")
-    first = run_suite(model, tok, pre, tasks, root, cache=cache, batch_size=8)
+    first = run_suite(model, tok, pre, tasks, root, cache=cache, batch_size=8, prompts="clip_benchmark")
     assert (cache.hits, cache.misses) == (0, 1) and len(list((tmp_path / "cache").glob("cifar10-*.pt"))) == 1
     fresh = ClassifierCache("model@sha256:x", tmp_path / "cache")  # a new process: read back from disk
-    again = run_suite(model, tok, pre, tasks, root, cache=fresh, batch_size=8)
+    again = run_suite(model, tok, pre, tasks, root, cache=fresh, batch_size=8, prompts="clip_benchmark")
     assert (fresh.hits, fresh.misses) == (1, 0)
     assert again["tasks"]["cifar10"]["acc1"] == first["tasks"]["cifar10"]["acc1"]
     other = ClassifierCache("other-model@sha256:y", tmp_path / "cache")
@@ -146,8 +150,11 @@ def test_classifier_cache_keys_and_reuse(setup, tmp_path):
     other.get("cifar10", ["a"], TEMPLATES[:1], lambda: calls.append(1) or torch.zeros(4, 1))
     assert len(calls) == 2, "model id and templates are part of the key"
     shared = ClassifierCache("model@sha256:x", tmp_path / "cache")  # same prompts under another task name
-    shared.get("imagenetv2", CLASSNAMES, TEMPLATES, lambda: calls.append(1) or torch.zeros(4, 6))
+    shared.get("imagenetv2", CLASSNAMES, TEMPLATES, lambda: calls.append(1) or torch.zeros(4, 6), "clip_benchmark")
     assert (shared.hits, len(calls)) == (1, 2)
+    # the same names and templates from another prompt source are another classifier (issue 14)
+    shared.get("cifar10", CLASSNAMES, TEMPLATES, lambda: calls.append(1) or torch.zeros(4, 6), "metaclip")
+    assert (shared.misses, len(calls)) == (1, 3)
 
 
 def test_bad_inputs_name_what_is_wrong(setup, tmp_path, capsys):
@@ -202,8 +209,12 @@ def test_builder_folders_are_read_offline(setup, tmp_path):
     res = run_suite(model, tok, pre, parse_task_spec("mnist,stl10"), tmp_path, cache=ClassifierCache("m"))
     mnist = res["tasks"]["mnist"]
     assert mnist["status"] == "ok" and mnist["path"] == str(tmp_path / "mnist") and mnist["num_samples"] == 6
-    assert mnist["num_classes"] == 10 and mnist["prompt_sources"]["classnames"] == "dataset builder"
-    assert mnist["prompt_sources"]["templates"].endswith("en_zeroshot_classification_templates.json")
+    # MetaCLIP's names fit the builder's 10 classes in order; its template is used
+    assert mnist["num_classes"] == 10 and mnist["prompt_source"] == "metaclip" and "prompt_note" not in mnist
+    assert mnist["prompt_sources"]["templates"].endswith("metaclip_templates.json#MNIST")
+    cb = run_suite(model, tok, pre, parse_task_spec("mnist"), tmp_path, prompts="clip_benchmark")["tasks"]["mnist"]
+    assert cb["prompt_source"] == "clip_benchmark" and cb["prompt_sources"]["classnames"] == "dataset builder"
+    assert cb["prompt_sources"]["templates"].endswith("en_zeroshot_classification_templates.json")
     assert res["tasks"]["stl10"]["looked_for"] == [str(tmp_path / "wds_stl10"), str(tmp_path / "stl10")]
     with pytest.raises(ValueError, match=r"cifar10: clip_benchmark's 'cifar10' builder could not read .* --download"):
         run_suite(model, tok, pre, parse_task_spec("cifar10"), tmp_path, cache=ClassifierCache("m"))

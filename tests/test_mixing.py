@@ -1,4 +1,4 @@
-"""The mixing rule: deterministic per (seed, epoch, key), at the right ratio, with counted fallback."""
+"""The mixing rule: deterministic per (seed, epoch, key[, visit]), at the right ratio, with counted fallback."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import webdataset as wds
 
 from caption_mixing import ALT, MixStats, Mixture, SharedEpoch, choose_caption, parse_p, parse_p_list
+from caption_mixing.mixing import PER_SAMPLE
 from caption_mixing.pipeline import build_caption_pipeline, caption_sample_stages, make_loader
 from caption_mixing.shards import expand_shards
 from tests.conftest import make_shards
@@ -42,6 +43,28 @@ def test_choice_is_a_function_of_seed_epoch_key() -> None:
     # per-visit choice: a new epoch (or seed) redraws ~half of the samples at p=0.5
     assert 0.4 < sum(x != y for x, y in zip(a, other_epoch, strict=False)) / 2000 < 0.6
     assert 0.4 < sum(x != y for x, y in zip(a, other_seed, strict=False)) / 2000 < 0.6
+
+
+@pytest.mark.parametrize("p", [0.5, 0.15])
+def test_each_visit_of_a_key_is_an_independent_draw(p: float) -> None:
+    """Visit 0 of a stream whose keys cannot repeat keeps the (seed, epoch, key) rule; later visits, and
+    any visit in a resampled stream, draw again: consecutive visits differ at 2p(1-p), the rate of
+    independent draws (~50% at p=0.5, ~25% at p=0.15), and each visit is still drawn at ratio p."""
+    m, n = Mixture.from_p(p), len(KEYS)
+    first = [choose_caption(_caps(k), m, 1, 3, k).source for k in KEYS]
+    assert first == [choose_caption(_caps(k), m, 1, 3, k, visit=0, stream="").source for k in KEYS]
+    q = 2 * p * (1 - p)
+    sd = math.sqrt(n * q * (1 - q))
+    for visit, stream in ((1, ""), (0, "0/1"), (5, "3/0")):
+        again = [choose_caption(_caps(k), m, 1, 3, k, visit=visit, stream=stream).source for k in KEYS]
+        changed = sum(a != b for a, b in zip(first, again, strict=True))
+        assert abs(changed - n * q) < 4 * sd, (visit, stream, changed / n)
+        assert abs(sum(s != ALT for s in again) - n * p) < 4 * math.sqrt(n * p * (1 - p))
+    fixed = Mixture.from_p(p, mode=PER_SAMPLE)  # one choice per sample for the run: visits change nothing
+    assert all(
+        choose_caption(_caps(k), fixed, 1, 3, k).source == choose_caption(_caps(k), fixed, 1, 7, k, 4, "1/1").source
+        for k in KEYS[:2000]
+    )
 
 
 def test_missing_or_blank_synthetic_caption_falls_back_and_is_counted() -> None:

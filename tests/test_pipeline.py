@@ -42,7 +42,7 @@ def _pipeline(pattern: str, p: float = 0.5, **kw):
         tokenizer=lambda texts: torch.zeros(len(texts), 4, dtype=torch.long),
         batch_size=kw.pop("batch_size", 4),
         shuffle_buffer=kw.pop("shuffle_buffer", 0),
-        drop_last=False,
+        drop_last=kw.pop("drop_last", False),
         **kw,
     )
 
@@ -219,19 +219,82 @@ def test_resuming_at_a_batch_reproduces_the_caption_choices(tmp_path: Path) -> N
     assert len(full) == 25
 
 
-def test_resampled_shards_keep_choices_deterministic(tmp_path: Path) -> None:
-    pattern, keys = make_shards(tmp_path, n_shards=2, per_shard=20)
+def _changed_share(visits: dict[str, list[str]]) -> tuple[float, int]:
+    """Share of consecutive visits of a key whose drawn source differs, and the number of such pairs."""
+    pairs = [(a, b) for seq in visits.values() for a, b in zip(seq, seq[1:], strict=False)]
+    return sum(a != b for a, b in pairs) / len(pairs), len(pairs)
+
+
+def _within(share: float, n: int, p: float) -> bool:
+    """``share`` of ``n`` pairs within 4 standard deviations of independent draws' 2p(1-p)."""
+    q = 2 * p * (1 - p)
+    return abs(share - q) < 4 * (q * (1 - q) / n) ** 0.5
+
+
+@pytest.mark.parametrize("p", [0.5, 0.15])
+def test_a_worker_repeating_its_shards_draws_each_visit_again(tmp_path: Path, p: float) -> None:
+    """Two workers each repeat their 2 shards (200 samples, 20 batches) 3 times to fill 60 batches: the
+    first pass keeps the (seed, epoch, key) rule, each later visit is a new draw (issue 14 item 4)."""
+    pattern, keys = make_shards(tmp_path, n_shards=4, per_shard=100)
+    pipe = _pipeline(pattern, p, batch_size=10, batches_per_epoch=60, drop_last=True, epoch=SharedEpoch(2))
+    visits: dict[str, list[str]] = {}
+    for batch in make_loader(pipe, 2):
+        for key, wanted in zip(batch["keys"], batch["wanted"], strict=True):
+            visits.setdefault(key, []).append(wanted)
+    assert sorted(visits) == sorted(keys) and {len(v) for v in visits.values()} == {3}
+    caps = {ALT: "a", "altogether": "s"}
+    assert all(choose_caption(caps, Mixture.from_p(p), 0, 2, k).source == v[0] for k, v in visits.items())
+    share, n = _changed_share(visits)
+    assert n == 800 and _within(share, n, p), share  # the old rule repeated every choice: share 0
+
+
+def _resampled_visits(pattern: str, p: float, epoch: int, n: int, workers: int = 2) -> list[tuple[str, str]]:
     pipe = wds.DataPipeline(
-        *caption_sample_stages(pattern, mixture=Mixture.from_p(0.5), seed=0, epoch=SharedEpoch(3), resampled=True),
+        *caption_sample_stages(pattern, mixture=Mixture.from_p(p), seed=0, epoch=SharedEpoch(epoch), resampled=True),
         wds.map(lambda s: (s["__key__"], s["caption_wanted"])),
     )
-    drawn = {}
-    for key, wanted in list(torch.utils.data.DataLoader(pipe.with_epoch(200), batch_size=None, num_workers=2)):
-        assert drawn.setdefault(key, wanted) == wanted  # every visit of a key in an epoch gets the same draw
-    caps = {ALT: "a", "altogether": "s"}
-    assert all(choose_caption(caps, Mixture.from_p(0.5), 0, 3, k).source == w for k, w in drawn.items())
+    return list(torch.utils.data.DataLoader(pipe.with_epoch(n), batch_size=None, num_workers=workers))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.15])
+def test_resampled_shards_draw_every_visit_anew(tmp_path: Path, p: float) -> None:
+    pattern, keys = make_shards(tmp_path, n_shards=3, per_shard=40)
+    drawn = _resampled_visits(pattern, p, epoch=3, n=1200)
+    visits: dict[str, list[str]] = {}
+    for key, wanted in drawn:
+        visits.setdefault(key, []).append(wanted)
+    share, n = _changed_share(visits)
+    assert n > 900 and _within(share, n, p), share  # the old rule: every visit of a key drew the same
+    assert abs(sum(w != ALT for _, w in drawn) / len(drawn) - p) < 0.06  # still p on the whole
+    assert drawn == _resampled_visits(pattern, p, epoch=3, n=1200)  # a function of (seed, epoch, layout)
     with pytest.raises(ValueError, match="batches_per_epoch"):
         _pipeline(pattern, resampled=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resampled_epochs_differ_and_a_resume_replays_its_epoch_exactly(tmp_path: Path, workers: int) -> None:
+    """Shards drawn per (seed, epoch, rank, worker): each epoch draws anew (webdataset's ResampledShards
+    drew the same shards every epoch in DataLoader workers, which start fresh each epoch), and a resumed
+    run (a new pipeline at epoch 1 skipping 4 batches; webdataset's restarted its own epoch count) sees
+    the uninterrupted run's batches, captions included: the visit counts come back by replaying the epoch."""
+    pattern, _ = make_shards(tmp_path, n_shards=10, per_shard=8)
+
+    def pipeline(epoch: SharedEpoch):
+        return _pipeline(pattern, 0.5, epoch=epoch, resampled=True, batches_per_epoch=8)
+
+    def rows(batch: dict) -> list[tuple]:
+        return list(zip(batch["keys"], batch["sources"], strict=True))
+
+    epoch = SharedEpoch(0)
+    loader = make_loader(pipeline(epoch), workers)
+    runs = []
+    for e in (0, 1):
+        epoch.set(e)
+        runs.append([rows(b) for _, b in iter_batches(loader)])
+    assert len(runs[1]) == 8 * max(1, workers)
+    assert [[k for k, _ in b] for b in runs[0]] != [[k for k, _ in b] for b in runs[1]]
+    resumed = [rows(b) for _, b in iter_batches(make_loader(pipeline(SharedEpoch(1)), workers), skip=4)]
+    assert resumed == runs[1][4:]
 
 
 def test_stats_truncated_share() -> None:

@@ -163,8 +163,8 @@ def test_local_launcher_sweep_state_status_and_rerun(testbed_dir: str, tmp_path:
 
     assert sweep_main(["status", "--out", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:4] == ["p", "run_dir", "state", "job_id"]
-    assert [line.split()[2] for line in table[1:3]] == ["finished", "finished"]
+    assert table[0].split()[:5] == ["p", "seed", "run_dir", "state", "job_id"]
+    assert [line.split()[3] for line in table[1:3]] == ["finished", "finished"]
 
     # Same sweep again: nothing runs. A different config in the same folder is refused as a whole.
     assert sweep_main(argv) == 0
@@ -255,8 +255,9 @@ def test_status_of_a_t2i_sweep(tmp_path: Path, capsys) -> None:
     (out / "t2i-embedded-p1" / "checkpoints" / "step_00000040.pt").write_bytes(b"")
     assert sweep_main(["status", "--out", str(out)]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[1].split()[:3] == ["0", "t2i-embedded-p0", "finished"]
-    assert rows[2].split()[:6] == ["1", "t2i-embedded-p1", "failed", "123", "0", "step_00000040"]
+    # A sweep.json written before seeds were an axis names no seed: shown as "-".
+    assert rows[1].split()[:4] == ["0", "-", "t2i-embedded-p0", "finished"]
+    assert rows[2].split()[:7] == ["1", "-", "t2i-embedded-p1", "failed", "123", "0", "step_00000040"]
     assert rows[2].endswith("boom")
 
 

@@ -63,6 +63,41 @@ def test_batches_use_the_clip_mixing_rule_and_dropout_is_deterministic(world: di
     assert dropped != dropped_captions(many, cfg, epoch=1)
 
 
+def test_repeated_passes_in_an_epoch_draw_captions_and_dropout_again(world: dict) -> None:
+    """With several processes each worker repeats its shards to fill the epoch (``batches_per_epoch``):
+    a sample's later visits draw its caption and its caption dropout again (issue 14 item 4)."""
+    mixture = Mixture.from_p(0.5, "altogether")
+    pipe = build_t2i_pipeline(
+        world["pattern"],
+        latents=False,
+        mixture=mixture,
+        seed=3,
+        epoch=SharedEpoch(1),
+        batch_size=4,
+        resolution=16,
+        latent_shape=(8, 4, 4),
+        shuffle_buffer=0,
+        batches_per_epoch=30,  # 3 passes over 40 samples
+    )
+    visits: dict[str, list[str]] = {}
+    draws: list[str] = []
+    for batch in pipe:
+        draws += batch["draws"]
+        for key, wanted in zip(batch["keys"], batch["wanted"], strict=True):
+            visits.setdefault(key, []).append(wanted)
+    assert {len(v) for v in visits.values()} == {3} and len(set(draws)) == 120  # one draw key per visit
+    caps = {"alt": "a", "altogether": "s"}
+    assert all(choose_caption(caps, mixture, 3, 1, k).source == v[0] for k, v in visits.items())
+    changed = sum(a != b for v in visits.values() for a, b in zip(v, v[1:], strict=False))
+    assert 0.3 < changed / 80 < 0.7  # independent draws at p=0.5: ~50%; the old rule: 0
+    cfg = load_config("embedded", {"caption_dropout": 0.5, "seed": 3})
+    dropped = dropped_captions({"captions": ["c"] * 120, "keys": draws, "draws": draws}, cfg, epoch=1)
+    per_key: dict[str, list[bool]] = {}
+    for draw, cap in zip(draws, dropped, strict=True):
+        per_key.setdefault(draw.split("\x1e")[0], []).append(cap == "")
+    assert any(len(set(v)) > 1 for v in per_key.values())  # dropout is drawn per visit too
+
+
 @pytest.fixture(scope="module")
 def tokenizer(world: dict):
     from t2i.components import load_text_encoder
@@ -223,6 +258,43 @@ def test_run_point_trains_exports_samples_scores_and_resumes(world: dict, tmp_pa
     shutil.rmtree(broken / "vae")
     with pytest.raises(PipelineError, match="component 'vae' is missing"):
         check_pipeline_folder(broken)
+
+
+def test_learned_sigma_trains_exports_and_samples_end_to_end(world: dict, tmp_path: Path) -> None:
+    """The dit-xl-2 recipe's 8-channel path on a tiny config (issue 14 item 5): learned sigma with the VLB
+    term and grad clip 0.01 train, the EMA holds 8 output channels, the exported PixArtAlphaPipeline has
+    out_channels 8 (diffusers keeps the epsilon half when out_channels is twice the latent channels),
+    and sampling through it gives images."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from t2i.experiment import run_dir_for, run_point
+    from t2i.sample import generate
+    from training.checkpoint import latest_checkpoint, load_checkpoint
+
+    recipe = load_config("dit-xl-2")
+    cfg = load_config("embedded", {**world["overrides"], "learned_sigma": True, "grad_clip": recipe.grad_clip})
+    metrics = run_point(cfg, tmp_path / "runs")
+    run_dir = run_dir_for(tmp_path / "runs", cfg)
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
+    assert all(r["grad_norm"] is not None for r in log)  # clipped at 0.01 every step
+    saved = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    patch = cfg.patch_size * cfg.patch_size
+    assert saved["state_dict"]["proj_out.weight"].shape[0] == patch * 8 == saved["ema"]["proj_out.weight"].shape[0]
+    assert not torch.equal(saved["state_dict"]["proj_out.weight"], saved["ema"]["proj_out.weight"])
+
+    pipe = DiffusionPipeline.from_pretrained(run_dir / "pipeline", local_files_only=True)
+    assert (pipe.transformer.config.in_channels, pipe.transformer.config.out_channels) == (4, 8)
+    assert torch.equal(pipe.transformer.state_dict()["proj_out.weight"], saved["ema"]["proj_out.weight"])
+    assert set(metrics["clip_score"]) == {"original", "synthetic"} and metrics["eval_prompts"] == 3
+    pngs = sorted((run_dir / "samples" / "synthetic").glob("*.png"))
+    assert len(pngs) == 3 and all(Image.open(f).size == (16, 16) for f in pngs)
+    pipe.set_progress_bar_config(disable=True)
+    image = generate(pipe, ["a red square"], max_sequence_length=cfg.max_sequence_length, steps=2, guidance_scale=2.0)
+    pixels = np.asarray(image[0], dtype=np.float32)
+    assert pixels.shape == (16, 16, 3) and pixels.std() > 0
 
 
 def test_two_processes_train_like_one_process_accumulating_two_micro_batches(world: dict, tmp_path: Path) -> None:

@@ -22,6 +22,16 @@ def test_dit_xl_2_preset_matches_paper_table_11() -> None:
     assert cfg.steps_for(None) == -(-24 * 10_900_000 // 8192)
     b2, s2 = load_config("dit-b-2"), load_config("dit-s-2")
     assert (b2.num_layers, b2.hidden_size, s2.hidden_size) == (12, 768, 384)
+    # What Table 11 leaves open, as DiT and PixArt train it (issue 14 item 5): learned sigma (8 output
+    # channels, hybrid loss), PixArt's grad clip 0.01 and AdamW (wd 0.03, eps 1e-10), EMA 0.9999.
+    for c in (cfg, b2, s2):
+        assert c.learned_sigma and c.out_channels == 8
+        assert (c.grad_clip, c.weight_decay, c.eps, c.ema_decay) == (0.01, 0.03, 1e-10, 0.9999)
+    from t2i.model import train_scheduler
+
+    assert train_scheduler(cfg).config.variance_type == "learned_range"
+    text = (Path(__file__).resolve().parent.parent / "t2i" / "presets" / "dit-xl-2.yaml").read_text()
+    assert "Remaining differences" in text and "T5-XXL" in text and "fp16" in text  # recorded in the preset
 
 
 def test_bad_config_keys_and_values_name_the_culprit() -> None:
@@ -56,6 +66,53 @@ def test_dit_xl_2_transformer_size() -> None:
     n = sum(p.numel() for p in model.parameters())
     assert 550e6 < n < 700e6, n  # DiT-XL/2 is 675M with class embeddings; PixArt-alpha XL/2 ~611M
     assert len(model.transformer_blocks) == 28
+    assert model.proj_out.out_features == 2 * 2 * 8  # patch 2 x 2, 4 epsilon + 4 sigma channels
+
+
+def _posterior(xt: torch.Tensor, x0: torch.Tensor, beta: torch.Tensor, prev: torch.Tensor) -> tuple:
+    """q(x_{t-1} | x_t, x_0) as the normalised product N(x_t; sqrt(1-beta) x, beta) N(x; sqrt(prev) x_0, 1-prev)."""
+    var = 1 / ((1 - beta) / beta + 1 / (1 - prev))
+    return var * ((1 - beta).sqrt() * xt / beta + prev.sqrt() * x0 / (1 - prev)), var
+
+
+def test_vlb_term_matches_the_gaussian_posterior_and_diffusers_learned_range_variance() -> None:
+    """``t2i.train.vlb_loss`` against an independent computation in float64: the posterior as a product of
+    two Gaussians, the model's log-variance interpolated between log beta_t and the log posterior variance
+    (diffusers' ``learned_range``, checked against DDPMScheduler where float32 is exact enough), and the KL
+    (t > 0) or the decoder NLL (t = 0) from torch.distributions, in bits per dimension."""
+    import math
+
+    from torch.distributions import Normal, kl_divergence
+
+    from t2i.model import train_scheduler
+    from t2i.train import vlb_loss
+
+    sched = train_scheduler(load_config("dit-xl-2"))
+    g = torch.Generator().manual_seed(0)
+    x0, eps, v = (torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    v = v.clamp(-1, 1)
+    t = torch.tensor([0, 1, 2, 10, 500, 999])
+    betas = sched.betas.double()
+    ac = torch.cumprod(1 - betas, 0)
+    xt = ac[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - ac[t]).sqrt().view(-1, 1, 1, 1) * eps
+    eps_hat = eps + 0.3 * torch.randn(eps.shape, generator=g, dtype=torch.float64)  # an imperfect model
+    expected = []
+    for i, ti in enumerate(t.tolist()):
+        x0_hat = (xt[i] - (1 - ac[ti]).sqrt() * eps_hat[i]) / ac[ti].sqrt()
+        _, var_clipped = _posterior(xt[i], x0[i], betas[max(ti, 1)], ac[max(ti, 1) - 1])  # DiT: t=0 uses t=1's
+        logvar = (v[i] + 1) / 2 * betas[ti].log() + (1 - v[i]) / 2 * var_clipped.log()
+        if ti == 500:
+            diffusers = sched._get_variance(ti, predicted_variance=v[i].float()).double()
+            assert torch.allclose(logvar, diffusers, rtol=1e-5)
+        if ti > 0:
+            true_mean, true_var = _posterior(xt[i], x0[i], betas[ti], ac[ti - 1])
+            model_mean, _ = _posterior(xt[i], x0_hat, betas[ti], ac[ti - 1])
+            kl = kl_divergence(Normal(true_mean, true_var.sqrt()), Normal(model_mean, (0.5 * logvar).exp()))
+            expected.append(kl.mean() / math.log(2))
+        else:  # t = 0: the decoder's mean is the predicted x_0 (alpha_bar_{-1} = 1)
+            expected.append(-Normal(x0_hat, (0.5 * logvar).exp()).log_prob(x0[i]).mean() / math.log(2))
+    got = vlb_loss(sched, x0, xt, t, eps_hat, v)
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-9)
 
 
 def _random_clip_checkpoint(path: Path):
@@ -170,7 +227,14 @@ def test_report_layout(tmp_path: Path) -> None:
     table = format_table(runs)
     rows = table.splitlines()
     assert rows[0].startswith("| training data | original prompt | synthetic prompt")
-    assert "alt-texts only (p=0) | 20.0 | 19.0" in rows[2] and "p=1 (no alt-text) | 21.2 | 24.5" in rows[3]
+    # Deltas against the p=0 row, as Table 6 (issue 14 item 6); the p=1 label does not read like the
+    # paper's "w/o alt-texts" captioner ablation.
+    assert "| alt-texts only (p=0) | 20.0 | 19.0 | 16 |" in rows[2]
+    assert "| altogether, p=1 (all captions drawn synthetic) | 21.2 (+1.2) | 24.5 (+5.5) | 16 |" in rows[3]
+    assert "no alt-text" not in table and "w/o" not in table
+    half = {"p": 0.5, "clip_score": {"original": 18.5}, "eval_prompts": 16, "steps": 5}
+    assert "| altogether, p=0.5 | 18.5 (-1.5) | n/a | 16 |" in format_table([*runs, half])
+    assert "(+" not in format_table([runs[0], half]) and "(-" not in format_table([runs[0], half])  # no p=0 row
     runs[1]["clip_score_reference"] = {
         "real_images": {"original": 30.0, "synthetic": 50.0},
         "noise_images": {"original": 25.0, "synthetic": 4.0},

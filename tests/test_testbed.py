@@ -29,6 +29,7 @@ from testbed import (
     COLORS,
     CONCEPTS,
     EVAL_TASKS,
+    FINE_TASKS,
     GENERATOR_VERSION,
     SYNTHETIC_SOURCES,
     Testbed,
@@ -100,6 +101,19 @@ def test_world_is_well_formed() -> None:
         others = [o for o in CONCEPTS if o is not c]
         assert not any(_NAME_RES[c.name].search(o.name) or _NAME_RES[c.name].search(o.plural) for o in others)
         assert not any(_NAME_RES[c.name].search(cat) for cat in CATEGORIES)
+
+
+def test_eval_mix_is_mostly_long_tail_concepts_like_the_papers_average() -> None:
+    from eval.tasks import TASK_SETS, TESTBED_GROUPS
+
+    concept_tasks = [t for t in EVAL_TASKS if t == "concept" or t in FINE_TASKS]
+    assert len(concept_tasks) >= len(EVAL_TASKS) / 2
+    # The report groups split the testbed's tasks exactly: concepts / attributes / retrieval.
+    grouped = [t for members in TESTBED_GROUPS.values() for t in members]
+    assert sorted(grouped) == sorted(EVAL_TASKS) and TESTBED_GROUPS["concepts"] == tuple(concept_tasks)
+    assert TASK_SETS["testbed"] == EVAL_TASKS
+    # Default sizes: ~1000 images or more per task, so sampling alone moves a task by well under 2 points.
+    assert min(TestbedConfig().eval_sizes().values()) >= 1000
 
 
 def test_deterministic_bytes(built: Testbed, tmp_path: Path) -> None:
@@ -256,6 +270,13 @@ def test_eval_sets_load_with_clip_benchmark(built: Testbed) -> None:
         assert len(set(np.bincount(labels))) == 1  # balanced
     concept_classes = (built.eval_tasks["concept"] / "classnames.txt").read_text().splitlines()
     assert concept_classes == [c.name for c in CONCEPTS]
+    # One 8-way fine-grained task per category: its species, and only its species, in pattern order.
+    assert FINE_TASKS == tuple(f"concept_{cat}" for cat in CATEGORIES)
+    for task, cat in zip(FINE_TASKS, CATEGORIES, strict=True):
+        names = (built.eval_tasks[task] / "classnames.txt").read_text().splitlines()
+        assert names == [c.name for c in CONCEPTS if c.category == cat]
+        for s in wds.WebDataset(str(built.eval_tasks[task] / "test/0.tar"), shardshuffle=False):
+            assert int(s["cls"]) < 8
     assert (built.eval_tasks["count"] / "classnames.txt").read_text().split() == ["one", "two", "three", "four"]
 
 

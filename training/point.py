@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from caption_mixing.atomic import atomic_write_json
+from caption_mixing.mixconfig import run_label
 from training.checkpoint import load_checkpoint
 from training.device import cpu_threads
 from training.distributed import DistEnv, barrier, init_distributed
@@ -84,7 +85,7 @@ def run_point(app: PointApp, cfg: Any, out: Path, testbed_dir: str | None = None
         saved = load_checkpoint(ckpt)
         metrics.update(
             p=cfg.p,
-            label=f"p={cfg.p:g}",
+            label=run_label(cfg),  # "p=0.15", "p=0.15 gate", "both w=0.5" (caption_mixing.mixconfig)
             seed=cfg.seed,
             checkpoint=str(ckpt.relative_to(run_dir)),
             steps=saved["step"],

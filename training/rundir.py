@@ -13,7 +13,7 @@ from pathlib import Path
 from caption_mixing.paths import validate_name
 from caption_mixing.provenance import config_hash, write_run_metadata
 
-__all__ = ["RunConflictError", "TESTBED_NOTICE", "check_run_dir", "run_dir_for", "write_run_metadata"]
+__all__ = ["RunConflictError", "TESTBED_NOTICE", "check_run_dir", "run_dir_for", "seed_label", "write_run_metadata"]
 
 TESTBED_NOTICE = "Embedded synthetic testbed: numbers exercise the suite and are not paper results."
 NEW, RESUME, DONE = "new", "resume", "done"
@@ -29,6 +29,17 @@ def run_dir_for(out: Path, task: str, preset: str | None, p: float, label: str |
     if label:
         name += f"-{validate_name(label, 'run label')}"
     return Path(out) / validate_name(name, "run folder name")
+
+
+def seed_label(seed: int) -> str | None:
+    """The run-folder label of a training seed: None for seed 0, ``s<seed>`` otherwise.
+
+    The folder name is a function of the config's seed, so one name never stands for two seeds:
+    ``clip-embedded-p0.15`` is seed 0 (the presets' seed, hence the names of runs made before seeds
+    became a sweep axis) and ``clip-embedded-p0.15-s1`` is seed 1. A folder written under the old
+    name with another seed is refused, since the seed is part of the config hash.
+    """
+    return f"s{seed}" if seed else None
 
 
 def check_run_dir(run_dir: Path, config: dict, force: bool) -> str:
