@@ -11,9 +11,11 @@ no shard), then joins them, each way in its own process:
   with the standard library's ``tarfile`` (what such a script uses) and, separately, with attach's
   own reader, so the join itself can be compared with shard reading costing the same.
 
-Rows/s is samples joined per second of wall time (process start to exit). Peak RSS is the larger
-of the process's ``ru_maxrss`` and the resident memory of its process tree sampled every 20 ms
-(attach's reader processes count). Several ``--rows`` sizes show whether memory stays flat as the
+Rows/s is samples joined per second of wall time (process start to exit); rows per CPU-second
+counts every process's CPU time (attach's readers included), which load on a shared machine
+changes less. Peak memory is the larger of the process's ``ru_maxrss`` and its process tree's
+proportional set size sampled every 20 ms (attach's reader processes count, pages shared after
+fork once). Several ``--rows`` sizes show whether memory stays flat as the
 file grows. The last line is ``attach_rows_per_s=`` for the first size.
 
     python benchmarks/attach_throughput.py --rows 1000000,4000000 --work /tmp/attach_bench
@@ -153,14 +155,15 @@ def pandas_merge(pattern: str, captions: str, out: str, reader: str) -> None:
         write_sidecar(sidecar_path(shard, "pandas", out), shard, "pandas", captions)
 
 
-def _tree_rss_kib(pid: int) -> int:
-    """Resident memory of a process and its descendants (reader processes count too), from /proc."""
+def _tree_pss_kib(pid: int) -> int:
+    """Memory of a process and its descendants (reader processes count too), from /proc: the sum of
+    their proportional set sizes, so pages a forked reader shares with its parent count once."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+            total += int(next(line.split()[1] for line in rollup.splitlines() if line.startswith("Pss:")))
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, StopIteration, ValueError):
@@ -168,11 +171,11 @@ def _tree_rss_kib(pid: int) -> int:
     return total
 
 
-def measure(cmd: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MiB of the process tree, output) of a command run in its own process.
+def measure(cmd: list[str]) -> tuple[float, float, str, float]:
+    """(wall seconds, peak RSS MiB of the process tree, output, CPU seconds) of a command in its own process.
 
-    The peak is the larger of the process's ``ru_maxrss`` and the sum over its process tree sampled
-    every 20 ms (reader processes are separate processes: their memory adds up).
+    The peak is the larger of the process's own ``ru_maxrss`` and its process tree's memory (PSS,
+    sampled every 20 ms: reader processes are separate processes, their memory adds up).
     """
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE.parent)
@@ -180,7 +183,7 @@ def measure(cmd: list[str]) -> tuple[float, float, str]:
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+            peak[0] = max(peak[0], _tree_pss_kib(proc.pid))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -191,14 +194,15 @@ def measure(cmd: list[str]) -> tuple[float, float, str]:
     sampler.join()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output}")
-    return wall, max(usage.ru_maxrss, peak[0]) / 1024, output
+    return wall, max(usage.ru_maxrss, peak[0]) / 1024, output, usage.ru_utime + usage.ru_stime
 
 
-def best_of(cmd: list[str], repeat: int) -> tuple[float, float]:
-    """(fastest wall time, largest peak RSS) over ``repeat`` runs: the VM is shared, so the fastest
-    run is the one least slowed by other work."""
-    runs = [measure(cmd)[:2] for _ in range(repeat)]
-    return min(w for w, _ in runs), max(r for _, r in runs)
+def best_of(cmd: list[str], repeat: int) -> tuple[float, float, float]:
+    """(fastest wall time, largest peak RSS, least CPU time) over ``repeat`` runs: the VM is shared,
+    so the fastest run is the one least slowed by other work; CPU time (reader processes included)
+    is what the method costs whatever the load."""
+    runs = [measure(cmd) for _ in range(repeat)]
+    return min(r[0] for r in runs), max(r[1] for r in runs), min(r[3] for r in runs)
 
 
 def run_size(
@@ -206,7 +210,9 @@ def run_size(
 ) -> dict:
     """Generate (in a child process: a child's peak RSS includes its parent's at fork), then join each way."""
     folder = work / f"rows_{rows}"
-    gen, _, out = measure([sys.executable, str(Path(__file__).resolve()), "--generate-worker", str(folder), str(rows)])
+    gen, _, out, _ = measure(
+        [sys.executable, str(Path(__file__).resolve()), "--generate-worker", str(folder), str(rows)]
+    )
     pattern, captions = json.loads(out.strip().splitlines()[-1])
     side = folder / "sidecars"
     shutil.rmtree(side, ignore_errors=True)
@@ -214,9 +220,9 @@ def run_size(
     ours += ["--join-on", "url", "--key-field", "url", "--caption-field", "caption", "--name", "ours"]
     ours += ["--sidecar-dir", str(side / "ours"), "--min-coverage", "0.9", "--quiet"]
     ours += [] if workers is None else ["--workers", str(workers)]
-    wall, rss = best_of(ours, repeat)
+    timing = best_of(ours, repeat)
     report = json.loads((side / "ours" / "ours.attach.json").read_text())
-    result = {"rows": rows, "generate_s": gen, "attach": (wall, rss), "matched": report["matched"]}
+    result = {"rows": rows, "generate_s": gen, "attach": timing, "matched": report["matched"]}
     readers = ("tarfile", "scan") if rows <= tarfile_max_rows else ("scan",)
     for reader in readers if with_pandas else ():
         cmd = [sys.executable, str(Path(__file__).resolve()), "--pandas-worker", pattern, str(captions)]
@@ -258,17 +264,20 @@ def main(argv: list[str] | None = None) -> int:
             run_size(Path(args.work), rows, not args.no_pandas, args.workers, args.repeat, args.tarfile_max_rows)
         )
         r = results[-1]
-        shown = ", ".join(f"{k} {v[0]:.1f}s {v[1]:.0f}MiB" for k, v in r.items() if isinstance(v, tuple))
+        shown = ", ".join(
+            f"{k} {v[0]:.1f}s (CPU {v[2]:.1f}s) {v[1]:.0f}MiB" for k, v in r.items() if isinstance(v, tuple)
+        )
         print(f"rows={rows} generate={r['generate_s']:.1f}s {shown}", flush=True)
         if not args.keep:
             shutil.rmtree(Path(args.work) / f"rows_{rows}", ignore_errors=True)
-    print("\n| rows | method | rows/s | peak RSS (process tree) |")
-    print("|---|---|---|---|")
+    print("\n| rows | method | rows/s (wall) | rows per CPU-s | peak RSS (process tree) |")
+    print("|---|---|---|---|---|")
     for r in results:
         for method in ("attach", "pandas_tarfile", "pandas_scan"):
             if method in r:
-                wall, rss = r[method]
-                print(f"| {r['rows']:,} | {METHODS[method]} | {r['rows'] / wall:,.0f} | {rss:.0f} MiB |")
+                wall, rss, cpu = r[method]
+                rates = f"{r['rows'] / wall:,.0f} | {r['rows'] / cpu:,.0f}"
+                print(f"| {r['rows']:,} | {METHODS[method]} | {rates} | {rss:.0f} MiB |")
     print(f"attach_rows_per_s={results[0]['rows'] / results[0]['attach'][0]:.0f}")
     return 0
 

@@ -71,7 +71,7 @@ __all__ = ["AttachError", "add_cli_arguments", "attach", "format_report", "split
 REPORT_FORMAT = "caption_mixing.attach/3"
 STAGED_SUFFIX = ".staged"
 WARN_LIMIT = 10  # warnings of one kind printed one by one; the report counts them all
-SAVE_EVERY_S = 5.0  # progress report writes while staging (a kill redoes at most this much)
+SAVE_EVERY_S = 30.0  # progress report writes while staging (a kill redoes at most this much)
 ROW_MISMATCH_LIMIT = 0.01  # share of checked rows whose original caption may differ before a row join fails
 EXAMPLES = 5
 
@@ -151,16 +151,21 @@ class KeyRegistry:
             raise
 
     def found_distinct(self) -> int:
-        """Distinct caption-file records matched (counted once: the report is written several times)."""
+        """Distinct caption-file records matched (counted once: the report is written several times).
+
+        Both counts group rather than ``COUNT(DISTINCT)``: SQLite sorts for a GROUP BY (in bounded
+        memory, spilling to disk), about three times faster than its b-tree of distinct values.
+        """
         if "found" not in self.counted:
-            sql = "SELECT COUNT(DISTINCT COALESCE(found, joined, key)) FROM keys WHERE matched"
+            sql = "SELECT COUNT(*) FROM (SELECT 1 FROM keys WHERE matched GROUP BY COALESCE(found, joined, key))"
             self.counted["found"] = self.conn.execute(sql).fetchone()[0]
         return self.counted["found"]
 
     def shared_join_values(self) -> int:
         """Samples whose join value (URL, hash, uid) another sample already has."""
         if "joined" not in self.counted:
-            sql = "SELECT COUNT(*) - COUNT(DISTINCT joined) FROM keys WHERE joined IS NOT NULL"
+            groups = "SELECT COUNT(*) n FROM keys WHERE joined IS NOT NULL GROUP BY joined"
+            sql = f"SELECT COALESCE(SUM(n - 1), 0) FROM ({groups})"
             self.counted["joined"] = self.conn.execute(sql).fetchone()[0]
         return self.counted["joined"]
 
@@ -285,6 +290,7 @@ class _Attach:
             normalize=plan.join == "url",
             duplicates=plan.duplicates,
         )
+        self.index.conn.execute("PRAGMA cache_size=-2048")  # here only counts and metadata; joiners look up
         bad = self.index.bad_utf8
         for path, (count, lines) in bad.get("files", {}).items():
             shown = ", ".join(map(str, lines)) + (", ..." if count > len(lines) else "")
@@ -388,9 +394,7 @@ class _Attach:
             "truncated_shards": [e["truncated"] for e in done.values() if e.get("truncated")],
             "shards": done if state != "failed" else {},
         }
-        from caption_mixing.atomic import json_safe
-
-        text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
+        text = json.dumps(report, indent=1, allow_nan=False) + "\n"  # every share is a finite number
         storage.write_bytes(self.report_path if path is None else path, text.encode("utf-8"))
         return report
 

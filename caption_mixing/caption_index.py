@@ -31,7 +31,8 @@ from tqdm import tqdm
 from caption_mixing.caption_files import CaptionFileError, Table, detect_format, iter_records
 from caption_mixing.joins import normalize_url
 
-BATCH = 20000
+BATCH = 100_000  # records inserted at a time, sorted by key: each b-tree page is touched once per batch
+BATCH_BYTES = 24 << 20  # ... or fewer when the captions are long (memory stays bounded)
 KEPT = 20  # examples of bad lines, skipped rows and duplicates remembered (all are counted)
 DUPLICATE_RULES = ("error", "first", "drop")
 LIST_MARK = "\x00"  # a cell holding a JSON list or object (variants) starts with NUL, which no caption does
@@ -119,6 +120,9 @@ class CaptionIndex:
         self.conn = sqlite3.connect(self.db_path)
         self.conn.execute("PRAGMA cache_size=-32768")  # 32 MiB of pages at most: memory stays flat
         self._meta: dict[str, object] | None = None
+        self._len: int | None = None
+        self._lists: bool | None = None
+        self._width: int | None = None
 
     @classmethod
     def open_or_build(
@@ -186,16 +190,20 @@ class CaptionIndex:
         marks = ", ".join("?" * (3 + len(table.value_columns)))
         self.insert = f"INSERT{' OR IGNORE' if duplicates != 'error' else ''} INTO captions VALUES ({marks})"
         batch: list[tuple] = []
-        records = 0
+        records = size = 0
+        lists = False  # any cell holding a list (variants): lookups decode cells only then
         desc = f"indexing {Path(table.paths[0]).name}" + (f" (+{len(table.paths) - 1})" if len(table.paths) > 1 else "")
         bar = tqdm(desc=desc, unit=" records", unit_scale=True, disable=not progress)
         for i, row, key, values in iter_records(table, self.problems.bad_utf8, self.problems.skip):
-            batch.append((key, i, row, *map(to_cell, values)))
+            cells = tuple(map(to_cell, values))
+            batch.append((key, i, row, *cells))
+            lists = lists or any(isinstance(c, str) and c.startswith(LIST_MARK) for c in cells)
             records += 1
-            if len(batch) >= BATCH:
+            size += len(key) + sum(len(c) for c in cells if isinstance(c, str))
+            if len(batch) >= BATCH or size >= BATCH_BYTES:
                 self._insert(batch)
                 bar.update(len(batch))
-                batch = []
+                batch, size = [], 0
         self._insert(batch)
         bar.update(len(batch))
         bar.close()
@@ -216,6 +224,7 @@ class CaptionIndex:
             "duplicates": {"rule": duplicates, **p.dup},
             "normalized_collisions": p.norm_collisions,
             "records": records,
+            "lists": lists,
         }
         c.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
 
@@ -225,6 +234,7 @@ class CaptionIndex:
     def _insert(self, batch: list[tuple]) -> None:
         if not batch:
             return
+        batch.sort(key=lambda r: r[0])  # stable: a repeated key's records stay in file order (first wins)
         try:
             with self.conn:
                 inserted = self.conn.executemany(self.insert, batch).rowcount
@@ -272,6 +282,7 @@ class CaptionIndex:
             if nkey != key:
                 pairs.append((nkey, key))
         if pairs:
+            pairs.sort()
             with self.conn:
                 added = self.conn.executemany("INSERT OR IGNORE INTO norm VALUES (?, ?)", pairs).rowcount
             self.problems.norm_collisions += len(pairs) - added
@@ -281,21 +292,29 @@ class CaptionIndex:
             self._meta = {k: json.loads(v) for k, v in self.conn.execute("SELECT name, value FROM meta")}
         return self._meta.get(name, default)
 
+    @property
+    def width(self) -> int:
+        """Value cells per record."""
+        if self._width is None:
+            self._width = len(self.conn.execute("SELECT * FROM captions LIMIT 0").description) - 3
+        return self._width
+
     def __len__(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
+        """Records in the index (counted once: a count is a full scan, and the index does not change)."""
+        if self._len is None:
+            self._len = self.conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
+        return self._len
 
     @property
     def bad_utf8(self) -> dict:
         """``{"count": lines with bytes that are not UTF-8, "files": {file: [count, first line numbers]}}``."""
         return self.meta("bad_utf8", {"count": 0, "files": {}})
 
-    @staticmethod
-    def _values(row: tuple | list) -> tuple:
-        """The value cells of a ``captions`` row (after key, file, row), lists decoded."""
-        cells = row[3:]
-        if any(isinstance(c, str) and c.startswith(LIST_MARK) for c in cells):
-            return tuple(from_cell(c) for c in cells)
-        return tuple(cells)
+    def _values(self, cells: tuple) -> tuple:
+        """The value cells of a ``captions`` row, lists decoded (when the index holds any)."""
+        if self._lists is None:
+            self._lists = bool(self.meta("lists", True))
+        return tuple(from_cell(c) for c in cells) if self._lists else cells
 
     def _select(self, sql: str, keys: list[str]) -> Iterable[tuple]:
         for i in range(0, len(keys), 900):  # SQLite's bound-parameter limit
@@ -314,8 +333,9 @@ class CaptionIndex:
         """
         wanted = list(dict.fromkeys(keys))
         out: dict[str, tuple[str, tuple]] = {}
-        for row in self._select("SELECT * FROM captions WHERE key IN ({marks})", wanted):
-            out[row[0]] = (row[0], self._values(row))
+        cells = ", ".join(f"c{i}" for i in range(self.width))
+        for row in self._select(f"SELECT key, {cells} FROM captions WHERE key IN ({{marks}})", wanted):
+            out[row[0]] = (row[0], self._values(row[1:]))
         if not normalize:
             return out
         missing: dict[str, list[str]] = {}
@@ -325,12 +345,13 @@ class CaptionIndex:
                 missing.setdefault(nk, []).append(k)
         found: dict[str, tuple[str, tuple]] = {}
         nkeys = list(missing)
-        for row in self._select("SELECT * FROM captions WHERE key IN ({marks})", nkeys):
-            found[row[0]] = (row[0], self._values(row))
+        for row in self._select(f"SELECT key, {cells} FROM captions WHERE key IN ({{marks}})", nkeys):
+            found[row[0]] = (row[0], self._values(row[1:]))
         rest = [n for n in nkeys if n not in found]
-        sql = "SELECT n.nkey, c.* FROM norm n JOIN captions c ON c.key = n.key WHERE n.nkey IN ({marks})"
-        for nkey, *row in self._select(sql, rest):
-            found[nkey] = (row[0], self._values(row))
+        joined = ", ".join(f"c.c{i}" for i in range(self.width))
+        sql = f"SELECT n.nkey, c.key, {joined} FROM norm n JOIN captions c ON c.key = n.key WHERE n.nkey IN ({{marks}})"
+        for row in self._select(sql, rest):
+            found[row[0]] = (row[1], self._values(row[2:]))
         for nk, originals in missing.items():
             if nk in found:
                 for k in originals:

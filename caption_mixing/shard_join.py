@@ -26,6 +26,7 @@ from caption_mixing.releases import AttachPlan
 from caption_mixing.shards import UNREADABLE_TAR, ShardReadError, scan_shard
 
 EXAMPLES = 5  # row-check examples kept per shard (the report keeps the first few overall)
+LOOKUP_CACHE_KIB = 64 << 10  # SQLite pages kept by a joiner: lookups are random, so more hit with more
 Warn = Callable[[str, str], None]
 
 
@@ -142,6 +143,7 @@ class ShardJoiner:
     def index(self) -> CaptionIndex:
         if self._index is None:
             self._index = CaptionIndex(self.index_path)
+            self._index.conn.execute(f"PRAGMA cache_size=-{LOOKUP_CACHE_KIB}")
         return self._index
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from eval.tasks import format_registry
+    from eval.task_table import format_registry
 
     print(format_registry(args.dataset_root, args.prompts))
     return 0

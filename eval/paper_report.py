@@ -266,7 +266,10 @@ def write_report(
     seeds_section: list[str] = []
     if has_repeats(runs):  # several seeds per p: rows told apart by seed, mean ± std after Table 7
         check_seeds(runs)
-        seeds_section = ["## Mean ± std over seeds", "", *aggregated_tables(runs), "", RULE, ""]
+        mean_std, deltas = aggregated_tables(runs)
+        base = min(float(r["p"]) for r in runs)
+        seeds_section = ["## Mean ± std over seeds", "", mean_std, "", f"Difference from p={base:g}:", "", deltas]
+        seeds_section += ["", RULE, ""]
         runs = [{**r, "label": f"{r['label']} s{r.get('seed', 0)}"} for r in runs]
     h6, r6 = table6(runs, baseline)
     h7, r7 = table7(runs, baseline)

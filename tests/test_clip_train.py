@@ -18,7 +18,7 @@ from clip_train.config import ClipTrainConfig, list_presets, load_config, parse_
 from clip_train.experiment import run_point
 from clip_train.model import check_model_name, create_model
 from experiments.sweep_ratio import main as sweep_main
-from testbed import Testbed, TestbedConfig, build_testbed
+from testbed import EVAL_TASKS, Testbed, TestbedConfig, build_testbed
 from training.checkpoint import load_checkpoint, load_model_state
 from training.rundir import RunConflictError
 
@@ -71,11 +71,14 @@ def test_embedded_sweep_end_to_end(testbed_dir: str, tmp_path: Path) -> None:
         run = out / f"clip-embedded-p{p}"
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["steps"] == 10
-        assert set(metrics["tasks"]) == {"concept", "category", "color", "count", "retrieval"}
+        assert set(metrics["tasks"]) == set(EVAL_TASKS)
         assert all(t["status"] == "ok" for t in metrics["tasks"].values())
         assert 0.0 <= metrics["tasks"]["color"]["acc1"] <= 1.0
         # One evaluation path: the registry's metric per task, the schema `python -m eval zeroshot` writes.
-        assert metrics["schema"] == "caption-mixing/metrics/1" and metrics["summary"]["average_over"] == "5/5"
+        assert (
+            metrics["schema"] == "caption-mixing/metrics/1"
+            and metrics["summary"]["average_over"] == f"{len(EVAL_TASKS)}/{len(EVAL_TASKS)}"
+        )
         assert metrics["tasks"]["retrieval"]["main_metric"] == "mean_recall@1"
         assert metrics["data_errors"] == {}
         realized = metrics["mixing"]["used"]
@@ -96,7 +99,7 @@ def test_embedded_sweep_end_to_end(testbed_dir: str, tmp_path: Path) -> None:
 
     # Re-running the same sweep reuses finished points; a different config in the same folder is refused.
     assert sweep_main(argv) == 0
-    cfg = load_config("embedded", {**FAST, "p": 0.0, "lr": 5e-4})
+    cfg = load_config("embedded", {**FAST, "p": 0.0, "lr": 1.234e-3})
     with pytest.raises(RunConflictError, match="different config"):
         run_point(cfg, out, testbed_dir=testbed_dir)
 

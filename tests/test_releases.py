@@ -366,6 +366,8 @@ def test_datacompdr_in_shard_variants_drawn_uniformly(testbed_train: Path, tmp_p
     assert pick_variant([f"v{j}" for j in range(5)], "dr", 7, 3, key) == pick_variant(
         [f"v{j}" for j in range(5)], "dr", 7, 3, key
     )
+    rc = cli(["stats", "--shards", pattern, "--sources", "alt,dr", "--model", "EmbeddedCLIP-Tiny", "--quiet"])
+    assert rc == 0 and f"| dr | {5 * len(with_syn)} |" in capsys.readouterr().out  # stats counts every variant
 
 
 def write_laclip(folder: Path, samples: list[dict], order: list[int] | None = None) -> list[Path]:

@@ -176,3 +176,14 @@ def test_t2i_report_aggregates_seeds(tmp_path: Path) -> None:
     cells = [c.strip() for c in rows[2].strip().strip("|").split("|")]
     assert cells[2] == "30.2 ± 0.4" and cells[4] == "+9.2 *" and cells[5] == "+0.2"
     assert RULE in table
+
+
+def test_paper_layout_tells_seeds_apart_and_adds_mean_and_std(tmp_path: Path) -> None:
+    from eval.paper_report import write_report
+
+    runs = [_run(p, s, {"imagenet1k": 0.3 + p / 10 + s / 100, "cifar10": 0.5}) for p in (0.0, 1.0) for s in (0, 1)]
+    md = write_report(runs, tmp_path / "r")["markdown"].read_text()
+    assert "| 0 | p=0 s1 |" in md and "| 1 | p=1 s0 |" in md  # Table 6 rows, one per run
+    assert "## Mean ± std over seeds" in md and RULE in md
+    row = next(line for line in md.splitlines() if line.startswith("| 1 | 0,1 |"))
+    assert "40.5 ± 0.7" in row  # imagenet1k at p=1: 0.40 and 0.41

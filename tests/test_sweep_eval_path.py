@@ -11,7 +11,7 @@ import pytest
 
 from eval.__main__ import main as eval_main
 from experiments.sweep_ratio import main as sweep_main
-from testbed import TestbedConfig, build_testbed
+from testbed import EVAL_TASKS, TestbedConfig, build_testbed
 from tests.test_eval import make_classification
 
 TINY = TestbedConfig(num_train=384, shard_size=96, eval_per_class=2, eval_per_class_small=4, num_retrieval=16, seed=3)
@@ -47,8 +47,7 @@ def test_sweep_and_eval_cli_give_identical_numbers(sweep, tmp_path):
     cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
 
     assert swept["schema"] == cli["schema"]
-    assert set(swept["tasks"]) == set(cli["tasks"]) == {"concept", "category", "color", "count", "retrieval",
-                                                        "fgvc_aircraft"}  # fmt: skip
+    assert set(swept["tasks"]) == set(cli["tasks"]) == {*EVAL_TASKS, "fgvc_aircraft"}
     for name, result in cli["tasks"].items():
         mine = swept["tasks"][name]
         assert mine["main_metric"] == result["main_metric"], name

@@ -170,9 +170,9 @@ def test_local_launcher_sweep_state_status_and_rerun(testbed_dir: str, tmp_path:
     assert sweep_main(argv) == 0
     text = capsys.readouterr().out
     assert "local job" not in text and text.count("skip (finished)") == 2
-    assert sweep_main([*argv, "--set", "lr=5e-4"]) == 2
+    assert sweep_main([*argv, "--set", "lr=1.234e-3"]) == 2
     assert "different config" in capsys.readouterr().err
-    assert sweep_main([*argv, "--set", "lr=5e-4", "--force", "--dry-run"]) == 0
+    assert sweep_main([*argv, "--set", "lr=1.234e-3", "--force", "--dry-run"]) == 0
     assert capsys.readouterr().out.count("would run") == 2
 
 
