@@ -321,7 +321,10 @@ def test_embedded_clip_is_clip_train_run_as_a_child_with_the_same_config(
     assert argv[:3] == [sys.executable, "-m", "clip_train"] and argv[argv.index("--out") + 1] == str(tmp_path / "out")
     sets = parse_overrides([argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
     child = clip_config("embedded", sets)
-    before = clip_config("embedded", {"p": 0.5, "samples_seen": 6400, "batch_size": 64, "seed": 0})  # the old call
+    t2i_cfg = load_config("embedded")  # the in-process call this replaced, with the preset's values
+    before = clip_config(
+        "embedded", {"p": 0.5, "samples_seen": t2i_cfg.embedded_clip_samples, "batch_size": 64, "seed": 0}
+    )
     assert {**child.to_dict(), "train_shards": None} == {**before.to_dict(), "train_shards": None}
     assert child.train_shards.split("::") == shards
 
