@@ -135,13 +135,16 @@ def _errorbar_png(runs: Sequence[Run], title: str, notice: str | None) -> bytes:
     cols = columns(runs)
     n_tasks = len(report._task_columns(runs))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: 13 testbed tasks never share one
     for i, (header, value) in enumerate(cols):
         stats = aggregate(runs, value)
         ps = list(stats)
         means = [_nan(stats[p].mean) for p in ps]
         stds = [_nan(stats[p].std, 0.0) for p in ps]
         ax = axes[0] if i < n_tasks else axes[1]
-        style = dict(color="black", linestyle="--", linewidth=2) if header == "average" else {}
+        style: dict[str, Any] = {"color": palette[i % len(palette)]}
+        if header == "average":
+            style = {"color": "black", "linestyle": "--", "linewidth": 2}
         ax.errorbar(ps, means, yerr=stds, marker="o", capsize=3, label=header, **style)
     axes[0].set_title("per task (mean ± std over seeds)")
     axes[1].set_title("groups and average")
