@@ -93,3 +93,36 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     """Strict JSON (non-finite floats become null), written atomically."""
     text = json.dumps(json_safe(obj), indent=indent, sort_keys=False, allow_nan=False)
     return atomic_write_text(path, text + "\n")
+
+
+def build_folder_once(root: Path, done: str, build: Callable[[Path], None]) -> bool:
+    """Make ``root`` a complete folder, marked complete by its file ``done``; False if it already was.
+
+    ``build(tmp)`` fills a private sibling folder, which is renamed into place only once ``done`` is in
+    it: an interrupted or concurrent build never leaves a half-written ``root`` for a reader (a sweep
+    point) to pick up. When two processes race, the first rename wins and the other's build is dropped.
+    """
+    import shutil
+
+    root = Path(root)
+    if (root / done).exists():
+        return False
+    tmp = root.with_name(f".{root.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        if not (tmp / done).exists():
+            raise RuntimeError(f"building {root}: the build wrote no {done}")
+        if (root / done).exists():  # another process finished first: use its build
+            return False
+        shutil.rmtree(root, ignore_errors=True)  # an incomplete folder (older versions built in place)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # lost a race with another process
+            if not (root / done).exists():
+                raise
+            return False
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""``python -m eval {tasks,prepare,zeroshot,report,score,modes}``: the evaluation suite's command line."""
+"""``python -m eval {tasks,prepare,zeroshot,report,score,modes,judge,geneval-metadata}``: the evaluation CLI."""
 
 from __future__ import annotations
 
@@ -167,6 +167,44 @@ def _score_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_modes)
 
 
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from eval.judge import DEFAULT_STEPS, load_judge, train_judge
+
+    out, steps = check_output_dir(args.out, "--out"), args.steps or DEFAULT_STEPS
+    card = load_judge(train_judge(out, args.resolution, args.seed, steps, real_shards=args.real_shards)).card
+    for key in ("accuracy_real", "accuracy_noise", "chance"):
+        print(f"{key}: " + ", ".join(f"{h} {100 * v:.1f}" for h, v in card[key].items()))
+    print(f"wrote {Path(args.out) / 'judge.safetensors'} and judge.json ({card['train']['seconds']} s)")
+    return 0
+
+
+def _cmd_geneval_metadata(args: argparse.Namespace) -> int:
+    from eval.geneval import write_metadata
+    from testbed.geneval import NOT_APPLICABLE, geneval_metadata
+
+    records = geneval_metadata(args.seed, args.per_tag)
+    print(f"wrote {write_metadata(records, Path(args.out))}: {len(records)} GenEval records")
+    for tag, reason in NOT_APPLICABLE.items():
+        print(f"  {tag}: n/a ({reason})")
+    return 0
+
+
+def _geneval_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("judge", help="train the GenEval-style testbed judge (category/colour/count CNN) and its card")
+    p.add_argument("--out", required=True, help="folder for judge.safetensors and judge.json")
+    p.add_argument("--resolution", type=int, default=32, help="input resolution (the generator's; default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default eval.judge.DEFAULT_STEPS)")
+    p.add_argument("--real-shards", default=None, help="also measure on these built testbed shards' stored labels")
+    p.set_defaults(func=_cmd_judge)
+
+    p = sub.add_parser("geneval-metadata", help="write the testbed's GenEval evaluation_metadata.jsonl")
+    p.add_argument("--out", required=True, help="the .jsonl file to write")
+    p.add_argument("--seed", type=int, default=0, help="order of each tag's records")
+    p.add_argument("--per-tag", type=int, default=None, help="records per tag (default: all distinct ones)")
+    p.set_defaults(func=_cmd_geneval_metadata)
+
+
 def _prompts_flag(p: argparse.ArgumentParser) -> None:
     from eval.prompts import PROMPT_SOURCES
 
@@ -239,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notice", default=None, help="a line printed under the title (e.g. 'testbed numbers')")
     p.set_defaults(func=_cmd_report)
     _score_parser(sub)
+    _geneval_parsers(sub)
     return parser
 
 

@@ -1,10 +1,12 @@
-"""Text-to-image command line: ``python -m t2i {run,train,precompute,sample,export} ...``.
+"""Text-to-image command line: ``python -m t2i {run,train,precompute,sample,geneval} ...``.
 
 python -m t2i run --p 1.0                          # embedded preset end to end (train, export, evaluate)
 python -m t2i train --preset dit-xl-2 --set train_latents=/data/lat/{00000..01242}.tar ...
 torchrun --nproc-per-node 8 -m t2i train --preset dit-xl-2 ...   # multi-GPU (accelerate launch works too)
 python -m t2i precompute --shards '/data/cc12m/{00000..01242}.tar' --vae /models/sd-vae --out /data/lat
 python -m t2i sample --pipeline runs/t2i-embedded-p1/pipeline --prompts prompts.txt --out samples/
+python -m t2i geneval --pipeline runs/t2i-embedded-p1/pipeline --out geneval/   # testbed prompts + judge
+python -m t2i geneval --pipeline P --metadata evaluation_metadata.jsonl --out geneval/  # official GenEval prompts
 """
 
 from __future__ import annotations
@@ -66,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     sample.add_argument("--device", default=None)
     sample.add_argument("--allow-pickle-weights", action="store_true", help="load .bin weights (no safetensors)")
+    gen = sub.add_parser("geneval", help="GenEval-style images (GenEval folder layout) and judge scores")
+    gen.add_argument("--pipeline", required=True, help="diffusers pipeline folder (run_dir/pipeline)")
+    gen.add_argument("--metadata", default=None, help="GenEval evaluation_metadata.jsonl (default: the testbed's)")
+    gen.add_argument("--out", required=True, help="GenEval output folder: <index>/metadata.jsonl, samples/<n>.png")
+    gen.add_argument("--images-per-prompt", type=int, default=4, help="seeded images per prompt (GenEval: 4)")
+    gen.add_argument("--seed", type=int, default=0, help="sample n of prompt i uses seed + i * N + n")
+    gen.add_argument("--judge", default=None, help="testbed judge folder (python -m eval judge; default: cached)")
+    gen.add_argument("--per-tag", type=int, default=None, help="testbed prompts per category (default: all)")
+    gen.add_argument("--steps", type=int, default=None, help="DPM-Solver steps (default: the pipeline's)")
+    gen.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    gen.add_argument("--device", default=None)
+    gen.add_argument("--allow-pickle-weights", action="store_true", help="load .bin weights (no safetensors)")
     return parser
 
 
@@ -101,6 +115,25 @@ def main(argv: list[str] | None = None) -> int:
             allow_pickle=args.allow_pickle_weights,
         )
         print(f"{len(paths)} images in {args.out}")
+        return 0
+    if args.command == "geneval":
+        from t2i.geneval import geneval_command, print_summary
+
+        print_summary(
+            geneval_command(
+                Path(args.pipeline),
+                Path(args.out),
+                Path(args.metadata) if args.metadata else None,
+                Path(args.judge) if args.judge else None,
+                images_per_prompt=args.images_per_prompt,
+                seed=args.seed,
+                per_tag=args.per_tag,
+                steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                device=args.device,
+                allow_pickle=args.allow_pickle_weights,
+            )
+        )
         return 0
     cfg = _load(args, parser)
     from t2i import experiment

@@ -29,7 +29,7 @@ import webdataset as wds
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from caption_mixing.atomic import atomic_write_json
+from caption_mixing.atomic import atomic_write_json, build_folder_once
 from caption_mixing.shards import expand_shards
 from t2i.config import T2IConfig
 from testbed.models import EMBEDDED_CLIP_MODEL
@@ -91,6 +91,7 @@ def _key(cfg: T2IConfig, fingerprint: str) -> str:
         "testbed": fingerprint,
         "resolution": cfg.resolution,
         "latent_channels": cfg.latent_channels,
+        "latent_size": cfg.latent_size,
         "vae_steps": cfg.embedded_vae_steps,
         "clip_samples": cfg.embedded_clip_samples,
         "clip_p": cfg.embedded_clip_p,
@@ -100,14 +101,26 @@ def _key(cfg: T2IConfig, fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
-    """SD-VAE layout at toy width: 3 blocks (factor 4), no mid-block attention."""
+TINY_VAE_WIDTHS = (32, 64, 64)  # channels per block; block i > 0 halves the resolution
+
+
+def tiny_vae(latent_channels: int = 4, factor: int = 4) -> AutoencoderKL:
+    """SD-VAE layout at toy width, downsampling by ``factor`` (1, 2 or 4), no mid-block attention.
+
+    The factor follows the preset (resolution / latent_size). At 32 px a factor-4 VAE trained for the
+    CPU budget loses the objects (600 steps: recon L1 0.13, sprites gone), factor 2 keeps shapes but not
+    colours (L1 0.07); factor 1 is a learned colour transform that keeps both, the DiT's patches do the
+    spatial compression instead.
+    """
+    blocks = {1: 1, 2: 2, 4: 3}.get(factor)
+    if blocks is None:
+        raise ValueError(f"embedded VAE factor (resolution / latent_size) must be 1, 2 or 4, got {factor}")
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=TINY_VAE_WIDTHS[:blocks],
         layers_per_block=1,
         latent_channels=latent_channels,
         norm_num_groups=16,
@@ -134,7 +147,7 @@ def _image_batches(shards: list[str], resolution: int, batch: int, seed: int):
 def train_tiny_vae(out: Path, shards: list[str], cfg: T2IConfig, batch: int = 32) -> Path:
     """Train the tiny VAE (L1 + small KL), set ``scaling_factor`` to 1/std of its latents, save it."""
     torch.manual_seed(cfg.seed)
-    vae = tiny_vae(cfg.latent_channels)
+    vae = tiny_vae(cfg.latent_channels, cfg.resolution // cfg.latent_size)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     data = _image_batches(shards, cfg.resolution, batch, cfg.seed)
     bar = tqdm(range(cfg.embedded_vae_steps), desc="embedded VAE", unit="step", dynamic_ncols=True)
@@ -208,21 +221,10 @@ def train_embedded_clip(out: Path, cfg: T2IConfig, testbed, shards: list[str]) -
     return ckpt
 
 
-def ensure_embedded_components(cfg: T2IConfig, testbed) -> EmbeddedComponents:
-    """Build (or reuse) the embedded VAE and CLIP for this testbed and config."""
+def _build_components(tmp: Path, comps: EmbeddedComponents, cfg: T2IConfig, testbed) -> None:
+    """Train the embedded CLIP (text tower exported) and the tiny VAE into ``tmp``, then mark it done."""
     from t2i.components import export_open_clip_text
 
-    root = Path(testbed.root).parent / f"t2i-embedded-{testbed.fingerprint}-{_key(cfg, testbed.fingerprint)}"
-    comps = EmbeddedComponents(root, root / "vae", root / "clip_text", root / "clip.pt")
-    if (root / DONE).exists():
-        print(f"t2i embedded components: reusing {root}", flush=True)
-        return comps
-    print(f"t2i embedded components: building {root}", flush=True)
-    # Built in a private folder and renamed into place: an interrupted or concurrent build never leaves a
-    # half-written ``root`` that a sweep point could pick up.
-    tmp = root.with_name(f".{root.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     train_shards, _ = embedded_split(testbed.train_shards)
     t0 = time.perf_counter()
     ckpt = train_embedded_clip(tmp / "clip_run", cfg, testbed, train_shards)
@@ -239,18 +241,20 @@ def ensure_embedded_components(cfg: T2IConfig, testbed) -> EmbeddedComponents:
             "clip_p": cfg.embedded_clip_p,
             "clip_samples": cfg.embedded_clip_samples,
             "vae_steps": cfg.embedded_vae_steps,
+            "vae_factor": cfg.resolution // cfg.latent_size,
             "clip_seconds": round(t1 - t0, 1),
             "vae_seconds": round(t2 - t1, 1),
         },
     )
-    if (root / DONE).exists():  # another process finished first: use its build
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_embedded_components(cfg: T2IConfig, testbed) -> EmbeddedComponents:
+    """Build (or reuse) the embedded VAE and CLIP for this testbed and config."""
+    root = Path(testbed.root).parent / f"t2i-embedded-{testbed.fingerprint}-{_key(cfg, testbed.fingerprint)}"
+    comps = EmbeddedComponents(root, root / "vae", root / "clip_text", root / "clip.pt")
+    if (root / DONE).exists():
+        print(f"t2i embedded components: reusing {root}", flush=True)
         return comps
-    shutil.rmtree(root, ignore_errors=True)  # an incomplete folder (older versions built in place)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # lost a race with another process
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / DONE).exists():
-            raise
+    print(f"t2i embedded components: building {root}", flush=True)
+    build_folder_once(root, DONE, lambda tmp: _build_components(tmp, comps, cfg, testbed))
     return comps

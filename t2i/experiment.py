@@ -40,6 +40,7 @@ class Resolved:
     clip_model: str
     clip_checkpoint: str | None
     uses_testbed: bool
+    testbed_root: str | None = None  # the built testbed (embedded runs): its folder's parent caches the judge
 
 
 def resolve(cfg: T2IConfig, testbed_dir: str | None = None) -> Resolved:
@@ -92,6 +93,7 @@ def resolve(cfg: T2IConfig, testbed_dir: str | None = None) -> Resolved:
         clip_model=comps.clip_model if embedded_clip else cfg.eval_clip_model,
         clip_checkpoint=str(comps.clip_checkpoint) if embedded_clip else cfg.eval_clip_checkpoint,
         uses_testbed=testbed is not None,
+        testbed_root=str(testbed.root) if testbed is not None else None,
     )
 
 
@@ -114,8 +116,12 @@ def preflight(cfg: T2IConfig, res: Resolved) -> None:
             f"eval_clip_checkpoint={res.clip_checkpoint!r}: a local open_clip checkpoint file is required for "
             f"eval_clip_model={res.clip_model!r} (checked before training)"
         )
-    if cfg.fid_inception_weights and not Path(cfg.fid_inception_weights).is_file():
-        raise FileNotFoundError(f"fid_inception_weights={cfg.fid_inception_weights!r}: no such file")
+    if cfg.fid_inception_weights:
+        from t2i.evaluate import check_fid_backend
+
+        if not Path(cfg.fid_inception_weights).is_file():
+            raise FileNotFoundError(f"fid_inception_weights={cfg.fid_inception_weights!r}: no such file")
+        check_fid_backend()
     holdout_prompts(res.holdout, cfg.synthetic_source, 1, res.holdout_sidecar_dir)
 
 
@@ -133,14 +139,9 @@ def export_run_pipeline(cfg: T2IConfig, run_dir: Path, ckpt: Path, res: Resolved
 
 def reference_scores(judge, items: list[dict], size: tuple[int, int], seed: int) -> dict:
     """The judge's scores for the held-out real images (ceiling) and uniform-noise images (floor), same prompts."""
-    from PIL import Image
+    from eval.judge import uniform_noise
 
-    g = torch.Generator().manual_seed(seed)
-    noise = [
-        Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
-        for _ in items
-    ]
-    sets = {"noise_images": noise}
+    sets = {"noise_images": uniform_noise(len(items), size[0], seed)}
     if all(it["image"] is not None for it in items):
         sets["real_images"] = [it["image"] for it in items]
     columns = {"original": "alt", "synthetic": "synthetic"}
@@ -150,17 +151,11 @@ def reference_scores(judge, items: list[dict], size: tuple[int, int], seed: int)
     }
 
 
-def evaluate_pipeline(cfg: T2IConfig, run_dir: Path, pipeline_dir: Path, res: Resolved) -> dict:
-    """Generate from held-out alt-texts and synthetic captions; CLIP-score each against its prompt."""
-    from t2i.evaluate import ClipJudge, fid_score, holdout_prompts, load_open_clip
-    from t2i.sample import generate, image_grid, load_pipeline
+def generate_holdout(cfg: T2IConfig, pipe, max_len: int, items: list[dict], run_dir: Path) -> dict[str, list]:
+    """One image per held-out alt-text and per synthetic caption (prompt i: seed sample_seed + i in both
+    columns), saved under ``samples/{alt,synthetic}/KEY.png`` with ``samples/prompts.jsonl`` and ``grid.png``."""
+    from t2i.sample import generate, image_grid
 
-    device = resolve_device(cfg.device)
-    items = holdout_prompts(res.holdout, cfg.synthetic_source, cfg.eval_prompts, res.holdout_sidecar_dir)
-    pipe, meta = load_pipeline(pipeline_dir, device)
-    max_len = int(meta["max_sequence_length"])
-    tok = pipe.tokenizer
-    gen_truncated = {col: sum(len(tok(it[col]).input_ids) > max_len for it in items) for col in ("alt", "synthetic")}
     kwargs = dict(
         max_sequence_length=max_len, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, seed=cfg.sample_seed
     )
@@ -170,39 +165,74 @@ def evaluate_pipeline(cfg: T2IConfig, run_dir: Path, pipeline_dir: Path, res: Re
         (samples / col).mkdir(parents=True, exist_ok=True)
         for it, img in zip(items, imgs, strict=True):
             img.save(samples / col / f"{it['key']}.png")
-    atomic_write_text(
-        samples / "prompts.jsonl",
-        "".join(json.dumps({"key": it["key"], "alt": it["alt"], "synthetic": it["synthetic"]}) + "\n" for it in items),
-    )
+    rows = [
+        {"key": it["key"], "alt": it["alt"], "synthetic": it["synthetic"], "seed": cfg.sample_seed + i}
+        for i, it in enumerate(items)
+    ]
+    atomic_write_text(samples / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     k = min(cfg.grid_prompts, len(items))
     grid = image_grid(images["alt"][:k] + images["synthetic"][:k], cols=k)  # row 1: alt-text, row 2: synthetic
     grid.save(run_dir / "grid.png")
+    return images
 
-    model, preprocess, tokenizer = load_open_clip(res.clip_model, res.clip_checkpoint, "cpu")
-    judge = ClipJudge(model, preprocess, tokenizer)
+
+def clip_metrics(judge, items: list[dict], images: dict[str, list]) -> dict:
+    """Table 5: CLIP similarity of each image with its prompt (mean, std) and truncation counts of the judge."""
     scores = {col: judge.per_image(images[col], [it[col] for it in items]) for col in ("alt", "synthetic")}
     mean = {col: judge.mean_score(images[col], [it[col] for it in items]) for col in ("alt", "synthetic")}
-    metrics = {
+    return {
         "clip_score": {"original": mean["alt"], "synthetic": mean["synthetic"]},
         "clip_score_std": {
             "original": float(torch.tensor(scores["alt"]).std()),
             "synthetic": float(torch.tensor(scores["synthetic"]).std()),
         },
+        "judge_truncated": {
+            col: judge.processor.count_truncated([it[col] for it in items]) for col in ("alt", "synthetic")
+        },
+    }
+
+
+def evaluate_pipeline(cfg: T2IConfig, run_dir: Path, pipeline_dir: Path, res: Resolved) -> dict:
+    """Generate from held-out alt-texts and synthetic captions; CLIP-score each against its prompt; distance
+    of the generated images from the held-out real ones; on the testbed, GenEval-style accuracy (t2i.geneval)."""
+    from eval.judge import uniform_noise
+    from t2i.evaluate import ClipJudge, distribution_metrics, holdout_prompts, load_open_clip
+    from t2i.sample import load_pipeline
+
+    device = resolve_device(cfg.device)
+    items = holdout_prompts(res.holdout, cfg.synthetic_source, cfg.eval_prompts, res.holdout_sidecar_dir)
+    pipe, meta = load_pipeline(pipeline_dir, device)
+    max_len = int(meta["max_sequence_length"])
+    tok = pipe.tokenizer
+    gen_truncated = {col: sum(len(tok(it[col]).input_ids) > max_len for it in items) for col in ("alt", "synthetic")}
+    images = generate_holdout(cfg, pipe, max_len, items, run_dir)
+
+    model, preprocess, tokenizer = load_open_clip(res.clip_model, res.clip_checkpoint, "cpu")
+    judge = ClipJudge(model, preprocess, tokenizer)
+    clip = clip_metrics(judge, items, images)
+    metrics = {
+        "clip_score": clip["clip_score"],
+        "clip_score_std": clip["clip_score_std"],
         "eval_prompts": len(items),
         "eval_clip_model": res.clip_model,
         "eval_clip_checkpoint": res.clip_checkpoint,
-        "truncated_prompts": {
-            "generator": gen_truncated,
-            "judge": {col: judge.processor.count_truncated([it[col] for it in items]) for col in ("alt", "synthetic")},
-        },
+        "truncated_prompts": {"generator": gen_truncated, "judge": clip["judge_truncated"]},
         "grid": str((run_dir / "grid.png").resolve()),
         "sample_steps": cfg.sample_steps,
         "guidance_scale": cfg.guidance_scale,
     }
+    size = images["alt"][0].size
+    metrics["clip_score_reference"] = reference_scores(judge, items, size, cfg.sample_seed)
     real = [it["image"] for it in items if it["image"] is not None]
-    metrics["clip_score_reference"] = reference_scores(judge, items, images["alt"][0].size, cfg.sample_seed)
-    if cfg.fid_inception_weights and real:
-        metrics["fid"] = {col: fid_score(real, images[col], cfg.fid_inception_weights) for col in ("alt", "synthetic")}
+    sets = {"original": images["alt"], "synthetic": images["synthetic"]}
+    sets["noise"] = uniform_noise(len(items), size[0], cfg.sample_seed)
+    metrics["distribution"] = distribution_metrics(judge, real, sets, cfg.fid_inception_weights, cfg.sample_seed)
+    if res.testbed_root and cfg.train_shards == EMBEDDED and not cfg.train_latents:
+        from t2i.geneval import embedded_geneval
+
+        metrics["geneval"] = embedded_geneval(
+            cfg, pipe, max_len, run_dir, Path(res.testbed_root), res.holdout, items, images
+        )
     return metrics
 
 

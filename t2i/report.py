@@ -1,16 +1,31 @@
 """Table-5-style report: rows = training p (and caption source), columns = original / synthetic prompt.
 
 Every row but the p=0 (alt-text only) row shows its difference from that row in parentheses, as the
-paper's Table 6 does against its alt-text baseline.
+paper's Table 6 does against its alt-text baseline. Beside it (issue 17): GenEval-style accuracy per
+category with the judge's ceiling (real testbed renderings) and floor (uniform noise), a plot of
+accuracy against p, distribution metrics (Fréchet distance in the judge CLIP's space; FID/KID when
+configured), one CSV row per run, and a self-contained HTML page (``t2i.html_report``).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 from pathlib import Path
 
-from caption_mixing.atomic import atomic_write_json, atomic_write_text
-from eval.seeds import RULE, aggregate, check_seeds, format_delta, format_spread, has_repeats, seeds_of
+from caption_mixing.atomic import atomic_write, atomic_write_json, atomic_write_text
+from eval.seeds import (
+    MISSING,
+    RULE,
+    aggregate,
+    by_p,
+    check_seeds,
+    format_delta,
+    format_spread,
+    has_repeats,
+    seeds_of,
+)
 
 
 def _row_label(run: dict) -> str:
@@ -94,8 +109,199 @@ def seed_table(runs: list[dict]) -> str:
     return "\n".join(lines + ["", RULE])
 
 
+GENEVAL_REFERENCE = {"real": "judge on real testbed renderings (ceiling)", "noise": "judge on uniform noise (floor)"}
+
+
+def geneval_tags(runs: list[dict]) -> list[str]:
+    """GenEval tags scored in any run (in the runs' order); the n/a ones are listed under the table."""
+    tags: list[str] = []
+    for run in runs:
+        for tag, value in run.get("geneval", {}).get("per_category", {}).items():
+            if value is not None and tag not in tags:
+                tags.append(tag)
+    return tags
+
+
+def _geneval_reference(runs: list[dict]) -> dict:
+    """The judge's ceiling/floor block of the first run that has one (one judge serves the whole sweep)."""
+    return next((r["geneval"]["judge"] for r in runs if r.get("geneval", {}).get("judge")), {})
+
+
+def geneval_table(runs: list[dict]) -> str:
+    """GenEval-style accuracy (%) per p: overall (mean over applicable categories) and per category, mean ±
+    std over seeds, the difference from the lowest p in parentheses (marked per ``eval.seeds.RULE``); then
+    the judge's accuracy on real renderings of the same prompts (ceiling) and on uniform noise (floor)."""
+    scored = [r for r in runs if r.get("geneval")]
+    if not scored:
+        return ""
+    tags = geneval_tags(scored)
+    keys = ["overall", *tags]
+
+    def value(run: dict, key: str) -> float | None:
+        g = run.get("geneval") or {}
+        return g.get("overall") if key == "overall" else g.get("per_category", {}).get(key)
+
+    stats = {k: aggregate(scored, lambda r, k=k: value(r, k)) for k in keys}
+    seeds = seeds_of(scored)
+    base = next(iter(seeds))
+    lines = [
+        f"| training data | seeds | {' | '.join(keys)} | images per category |",
+        "|---|---|" + "---|" * len(keys) + "---|",
+    ]
+    for p, group in by_p(scored).items():
+        cells = []
+        for k in keys:
+            cell = format_spread(stats[k][p])
+            cells.append(cell if p == base else f"{cell} ({format_delta(stats[k][p], stats[k][base])})")
+        n = group[0]["geneval"].get("n_images", {})
+        images = ", ".join(f"{t}: {n[t]}" for t in tags if t in n) or MISSING
+        lines.append(f"| {_row_label(group[0])} | {','.join(map(str, seeds[p]))} | {' | '.join(cells)} | {images} |")
+    for name, label in GENEVAL_REFERENCE.items():
+        ref = _geneval_reference(scored).get(name)
+        if ref:
+            cells = [
+                MISSING if value({"geneval": ref}, k) is None else f"{100 * value({'geneval': ref}, k):.1f}"
+                for k in keys
+            ]
+            lines.append(f"| {label} | - | {' | '.join(cells)} | - |")
+    na = {t: why for r in scored for t, why in r["geneval"].get("not_applicable", {}).items()}
+    notes = [f"- n/a `{t}`: {why}" for t, why in na.items()]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def plot_geneval(runs: list[dict], path: Path) -> Path | None:
+    """PNG of GenEval-style accuracy against p, one line per category (error bars: std over seeds), the
+    judge's ceiling dashed and its noise floor dotted in the line's colour."""
+    scored = [r for r in runs if r.get("geneval")]
+    if not scored:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tags = ["overall", *geneval_tags(scored)]
+    ref = _geneval_reference(scored)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, tag in enumerate(tags):
+        get = (
+            (lambda r: r["geneval"].get("overall"))
+            if tag == "overall"
+            else (lambda r, t=tag: r["geneval"].get("per_category", {}).get(t))
+        )
+        stats = {p: s for p, s in aggregate(scored, get).items() if s.mean is not None}
+        ps = sorted(stats)
+        color = f"C{i}"
+        ax.errorbar(
+            ps,
+            [100 * stats[p].mean for p in ps],
+            yerr=[100 * (stats[p].std or 0) for p in ps],
+            marker="o",
+            capsize=3,
+            color=color,
+            label=tag,
+            lw=2.5 if tag == "overall" else 1.5,
+        )
+        for name, style in (("real", "--"), ("noise", ":")):
+            level = get({"geneval": ref[name]}) if ref.get(name) else None
+            if level is not None:
+                ax.axhline(100 * level, ls=style, color=color, lw=1, alpha=0.7)
+    ax.set(xlabel="p (share of synthetic captions in training)", ylabel="GenEval-style accuracy (%)", ylim=(0, 100))
+    ax.set_title("accuracy vs p (dashed: judge on real renderings, dotted: on noise)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def distribution_table(runs: list[dict]) -> str:
+    """Distance of generated from held-out real images per p (lower is closer): Fréchet distance of the judge
+    CLIP's image embeddings (always), FID and KID x 1000 when Inception weights were given; then uniform noise."""
+    scored = [r for r in runs if r.get("distribution", {}).get("clip_fd")]
+    if not scored:
+        return ""
+    cols = [("clip_fd", "CLIP-FD", 1.0, 3)]
+    if any("fid" in r["distribution"] for r in scored):
+        cols += [("fid", "FID", 1.0, 1), ("kid", "KID x 1000", 1000.0, 2)]
+
+    def value(run: dict, metric: str, kind: str) -> float | None:
+        v = run["distribution"].get(metric, {}).get(kind)
+        return v.get("mean") if isinstance(v, dict) else v
+
+    head = [f"{label} {kind}" for _, label, _, _ in cols for kind in ("original", "synthetic")]
+    lines = [
+        f"| training data | seeds | {' | '.join(head)} | real / generated images |",
+        "|---|---|" + "---|" * (len(head) + 1),
+    ]
+    seeds = seeds_of(scored)
+    for p, group in by_p(scored).items():
+        cells = [
+            format_spread(aggregate(group, lambda r, m=m, k=k: value(r, m, k))[p], scale=scale, digits=digits)
+            for m, _, scale, digits in cols
+            for k in ("original", "synthetic")
+        ]
+        d = group[0]["distribution"]
+        counts = f"{d['n_real']} / {d['n_generated'].get('original', MISSING)}"
+        lines.append(f"| {_row_label(group[0])} | {','.join(map(str, seeds[p]))} | {' | '.join(cells)} | {counts} |")
+    noise = [
+        MISSING if (v := value(scored[0], m, "noise")) is None else f"{scale * v:.{digits}f}"
+        for m, _, scale, digits in cols
+        for _ in ("original", "synthetic")
+    ]
+    d0 = scored[0]["distribution"]
+    counts = f"{d0['n_real']} / {d0['n_generated'].get('noise', MISSING)}"
+    lines.append(f"| uniform-noise images (reference) | - | {' | '.join(noise)} | {counts} |")
+
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ("row", "p", "seed", "steps", "clip_original", "clip_synthetic", "geneval_overall")
+
+
+def report_csv(runs: list[dict]) -> str:
+    """One row per run (then the judge's ceiling and floor): CLIP similarity, GenEval-style accuracy overall
+    and per category (with images counted), distribution metrics with their sample counts."""
+    tags = geneval_tags(runs)
+    kinds = ("original", "synthetic", "noise")
+    fields = [*CSV_FIELDS, *(f"geneval_{t}" for t in tags), *(f"geneval_n_{t}" for t in tags)]
+    fields += [f"{m}_{k}" for m in ("clip_fd", "fid", "kid") for k in kinds] + ["n_real", "n_generated"]
+    rows = []
+    for run in sorted(runs, key=lambda r: (float(r.get("p", 0)), int(r.get("seed") or 0))):
+        g, d, cs = run.get("geneval") or {}, run.get("distribution") or {}, run.get("clip_score") or {}
+        row = {"row": "run", "p": run.get("p"), "seed": run.get("seed", 0), "steps": run.get("steps")}
+        row.update(
+            clip_original=cs.get("original"), clip_synthetic=cs.get("synthetic"), geneval_overall=g.get("overall")
+        )
+        row.update({f"geneval_{t}": g.get("per_category", {}).get(t) for t in tags})
+        row.update({f"geneval_n_{t}": g.get("n_images", {}).get(t) for t in tags})
+        for m in ("clip_fd", "fid", "kid"):
+            for k in kinds:
+                v = d.get(m, {}).get(k)
+                row[f"{m}_{k}"] = v.get("mean") if isinstance(v, dict) else v
+        row.update(n_real=d.get("n_real"), n_generated=d.get("n_generated", {}).get("original"))
+        rows.append(row)
+    for name in GENEVAL_REFERENCE:
+        ref = _geneval_reference(runs).get(name)
+        if ref:
+            rows.append(
+                {
+                    "row": f"judge_{name}",
+                    "geneval_overall": ref.get("overall"),
+                    **{f"geneval_{t}": ref.get("per_category", {}).get(t) for t in tags},
+                }
+            )
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def write_t2i_report(runs: list[dict], out_dir: str | Path, notice: str | None = None) -> dict[str, Path]:
-    """Write ``t2i_report.md`` (table + grids), ``t2i_report.json`` and one grid PNG per p into ``out_dir``."""
+    """Write ``t2i_report.md`` (tables + grids + GenEval plot), ``t2i_report.json``, ``t2i_report.csv``,
+    ``t2i_report.html`` (self-contained) and one grid PNG per p into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     judge = next((r.get("eval_clip_model") for r in runs if r.get("eval_clip_model")), "?")
@@ -115,6 +321,7 @@ def write_t2i_report(runs: list[dict], out_dir: str | Path, notice: str | None =
     if notice:
         parts += [f"> {notice}", ""]
     paths: dict[str, Path] = {}
+    parts += metric_sections(runs, out_dir, paths)
     shown: set[float] = set()  # one grid per p (with several seeds, the lowest seed's)
     for run in sorted(runs, key=lambda r: (r.get("p", 0), int(r.get("seed") or 0))):
         grid = run.get("grid")
@@ -134,4 +341,53 @@ def write_t2i_report(runs: list[dict], out_dir: str | Path, notice: str | None =
             ]
     paths["markdown"] = atomic_write_text(out_dir / "t2i_report.md", "\n".join(parts))
     paths["json"] = atomic_write_json(out_dir / "t2i_report.json", {"notice": notice, "runs": runs})
+    paths["csv"] = atomic_write_text(out_dir / "t2i_report.csv", report_csv(runs))
+    from t2i.html_report import write_html_report
+
+    tables = [
+        ("CLIP similarity with the prompt", format_table(runs)),
+        ("GenEval-style accuracy (%)", geneval_table(runs)),
+        ("Distribution metrics (lower is closer to real)", distribution_table(runs)),
+    ]
+    html_path = out_dir / "t2i_report.html"
+    paths["html"] = write_html_report(runs, html_path, tables, _row_label, notice, paths.get("geneval_plot"))
     return paths
+
+
+def metric_sections(runs: list[dict], out_dir: Path, paths: dict[str, Path]) -> list[str]:
+    """Markdown for the GenEval-style table (+ its plot, saved into ``out_dir``) and the distribution table."""
+    parts: list[str] = []
+    geneval = geneval_table(runs)
+    if geneval:
+        plot = plot_geneval(runs, out_dir / "t2i_geneval.png")
+        paths["geneval_plot"] = plot
+        n = next(r["geneval"].get("images_per_prompt") for r in runs if r.get("geneval"))
+        parts += [
+            "## GenEval-style accuracy (testbed judge)",
+            "",
+            f"Prompts from GenEval's categories written over the testbed world, {n} seeded images per prompt; "
+            "an image is correct when the judge (a small CNN trained on labelled testbed renderings, "
+            "`eval.judge`) sees every required object with its count and colour. Accuracy in %, mean ± std "
+            "over seeds; in parentheses the difference from the lowest p. The last two rows: the judge on real "
+            "testbed renderings of the same prompts (what a perfect generator could reach through this judge) "
+            "and on uniform noise (what an image with no content scores).",
+            "",
+            geneval,
+            "",
+            f"![GenEval-style accuracy against p]({plot.name})",
+            "",
+        ]
+    dist = distribution_table(runs)
+    if dist:
+        parts += [
+            "## Distribution metrics (against held-out real images)",
+            "",
+            "CLIP-FD: Fréchet distance between L2-normalised image embeddings of the scoring CLIP (no download); "
+            "FID / KID (x 1000): torchmetrics with the local Inception weights, when `fid_inception_weights` "
+            "is set. Real images are resized and centre-cropped to the generated size; both estimates are "
+            "biased at small sample counts (last column), so compare rows of one report, not other papers.",
+            "",
+            dist,
+            "",
+        ]
+    return parts

@@ -381,3 +381,34 @@ def case_stale_tmp_files(tmp: Path, capsys, caplog) -> None:
     rc, out = attach(capsys, "--shards", pattern, "--captions", str(tmp / "c.jsonl"), "--name", "syn")
     assert rc == 0 and not any(p.exists() for p in ours) and theirs.exists()
     assert len(read_sidecar(tmp / "s" / "00000.syn.json")) == 3
+
+
+def test_build_folder_once_leaves_nothing_half_written(tmp_path):
+    """A failing build leaves neither the folder nor its private temp; a finished one is built once."""
+    from caption_mixing.atomic import build_folder_once
+
+    root = tmp_path / "cache" / "component"
+
+    def fails(tmp):
+        (tmp / "weights.bin").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        build_folder_once(root, "done.json", fails)
+    assert not root.exists() and list((tmp_path / "cache").iterdir()) == []
+
+    with pytest.raises(RuntimeError, match="done.json"):  # a build that forgets its marker is not published
+        build_folder_once(root, "done.json", lambda tmp: (tmp / "weights.bin").write_bytes(b"w"))
+    assert not root.exists()
+
+    calls = []
+
+    def builds(tmp):
+        calls.append(tmp)
+        (tmp / "weights.bin").write_bytes(b"w")
+        (tmp / "done.json").write_text("{}")
+
+    assert build_folder_once(root, "done.json", builds) is True
+    assert build_folder_once(root, "done.json", builds) is False
+    assert len(calls) == 1 and (root / "weights.bin").read_bytes() == b"w"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["component"]

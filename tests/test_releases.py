@@ -1,6 +1,6 @@
 """Published recaption sets attached as released (issue 15): one fixture per release, in its exact
 layout, generated here from the embedded testbed's shards; the coverage report checked; the
-attached sources read by the training pipeline (and one CLIP run); bad inputs; coverage-aware p;
+attached sources read by the training pipeline (and one CLIP run reading every format); bad inputs; coverage-aware p;
 shards behind ``pipe:`` and fsspec URLs; MetaCLIP's layout both ways."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from caption_mixing.__main__ import main as cli
 from caption_mixing.joins import normalize_url, row_of_key
 from caption_mixing.mixing import Mixture, effective_mixture, pick_variant
 from caption_mixing.pipeline import SharedEpoch, caption_sample_stages
+from caption_mixing.releases import RELEASES
 from caption_mixing.sidecar import read_sidecar, read_sidecar_fields, sidecar_path
 from testbed import TestbedConfig, build_testbed
 
@@ -637,23 +638,117 @@ def test_fsspec_shards_with_remote_and_local_sidecars(testbed_train: Path, tmp_p
 # ---------------------------------------------------------------------------------------------
 
 
-def test_clip_trains_on_attached_release_sources(testbed_train: Path, tmp_path: Path, capsys) -> None:
+RELEASE_SOURCES = ("dreamlip", "capsfusion", "pixelprose", "recap", "vecap", "blip2", "dr", "la", "altogether")
+
+
+def _every_release_shards(testbed_train: Path, folder: Path) -> tuple[str, list[dict]]:
+    """One copy of the shards serving every release: img2dataset keys (LaCLIP's row join),
+    DataComp's uid in the json, DataCompDR's syn.json member (absent for keys ending in 7)."""
+
+    def meta(s: dict) -> dict:
+        return {"uid": hashlib.md5(s["key"].encode()).hexdigest()}
+
+    def syn(s: dict) -> dict:
+        if s["key"].endswith("7"):
+            return {}
+        return {"syn.json": json.dumps({"syn_text": [f"syn {j} of {s['key']}" for j in range(5)]}).encode()}
+
+    return copy_shards(testbed_train, folder, meta=meta, members=syn, img2dataset_keys=True)
+
+
+def attach_every_release(capsys, pattern: str, samples: list[dict], tmp: Path) -> dict[str, dict[str, set[str]]]:
+    """Every release's fixture attached to the same shards under its own source name; each attach's
+    coverage report checked. Returns, per source, the captions a draw of each key may read."""
+    files: dict[str, list[tuple[str, ...]]] = {}
+    expect: dict[str, dict[str, set[str]]] = {}
+
+    dl = write_dreamlip(tmp / "cc12m_3long_3short_1raw_captions_url.csv", covered(samples))
+    files["dreamlip"] = [("--format", "dreamlip", "--captions", str(tmp / "cc12m_3long_3short_1raw_captions_url.csv"))]
+    files["dreamlip"].append(("--columns", "dreamlip=shortIB_captions+longLLA_captions"))
+    expect["dreamlip"] = {k: {v["shortIB_captions"], v["longLLA_captions"]} for k, v in dl.items()}
+
+    def capsfusion(i: int, s: dict) -> dict:
+        return {"image_url": s["meta"]["url"], "laion_2b": "alt", "laion_coco": "c", "capsfusion": f"fused {s['key']}"}
+
+    def pixelprose(i: int, s: dict) -> dict:
+        row = {"uid": f"pp{i}", "url": s["meta"]["url"], "key": str(i), "status": "success", "original_caption": "alt"}
+        return {**row, "vlm_model": "gemini", "vlm_caption": f"prose {s['key']}"}
+
+    def recap(i: int, s: dict) -> dict:  # another URL: only the sha256 of the image bytes finds the sample
+        row = {"url": f"https://elsewhere.example.org/{i}.jpg", "re_caption": f"recap {s['key']}", "org_caption": "alt"}
+        scores = {"re_clip_score": 0.3, "org_clip_score": 0.2}
+        return {**row, "sha256": hashlib.sha256(s["jpg"]).hexdigest(), "key": f"{i:09d}", **scores}
+
+    for name, fmt, every, row, prefix in (
+        ("capsfusion", "capsfusion", 20, capsfusion, "fused"),
+        ("pixelprose", "pixelprose", 4, pixelprose, "prose"),
+        ("recap", "recap-datacomp", 10, recap, "recap"),
+    ):
+        release = covered(samples, every=every)
+        pq.write_table(pa.Table.from_pylist([row(i, s) for i, s in enumerate(release)]), tmp / f"{name}.parquet")
+        files[name] = [("--format", fmt, "--captions", str(tmp / f"{name}.parquet"))]
+        expect[name] = {s["key"]: {f"{prefix} {s['key']}"} for s in release}
+
+    vc = covered(samples, every=3)
+    (tmp / "vecap.json").write_text(json.dumps({s["meta"]["url"]: f"VeCap {s['key']}" for s in vc}))
+    files["vecap"] = [("--format", "vecap", "--captions", str(tmp / "vecap.json"))]
+    expect["vecap"] = {s["key"]: {f"VeCap {s['key']}"} for s in vc}
+
+    bl = covered(samples, every=6)
+    with (tmp / "blip2_temp0.75.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["uid", "blip2-cap"], *([s["meta"]["uid"], f"blip2 {s['key']}"] for s in bl)])
+    files["blip2"] = [("--format", "datacomp-blip2", "--captions", str(tmp / "blip2_temp0.75.csv"))]
+    expect["blip2"] = {s["key"]: {f"blip2 {s['key']}"} for s in bl}
+
+    files["dr"] = [("--format", "datacompdr")]
+    expect["dr"] = {s["key"]: {f"syn {j} of {s['key']}" for j in range(5)} for s in samples if s["key"][-1] != "7"}
+
+    write_laclip(tmp, samples)
+    files["la"] = [("--format", "laclip", "--captions", str(tmp / "cc12m_*.txt"), "--original", str(tmp / "cc12m.tsv"))]
+    files["la"].append(("--rows-per-shard", "96"))
+    styles = ("chatgpt", "bard", "mscoco", "human")
+    expect["la"] = {s["key"]: {f"{style} rewrite of {s['key']}" for style in styles} for s in samples}
+
+    mc = [s for s in samples if s["key"][-1] not in "05"]  # sidecars {cap_dir}/{shard % 100}/{shard}.json
+    for shard in range(4):
+        (tmp / "mc" / str(shard)).mkdir(parents=True)
+        own = {s["key"]: f"altogether {s['key']}" for s in mc if s["shard"] == f"{shard:05d}.tar"}
+        (tmp / "mc" / str(shard) / f"{shard}.json").write_text(json.dumps(own))
+    files["altogether"] = [("--format", "metaclip", "--captions", str(tmp / "mc"))]
+    expect["altogether"] = {s["key"]: {f"altogether {s['key']}"} for s in mc}
+
+    assert {parts[0][1] for parts in files.values()} == set(RELEASES)  # every format attach reads as released
+    for name in RELEASE_SOURCES:
+        named = () if name == "dreamlip" else ("--name", name)
+        rc, out = attach(capsys, "--shards", pattern, *(a for part in files[name] for a in part), *named)
+        assert rc == 0, (name, out)
+        c = report_of(Path(pattern).parent, name)["sources"][name]
+        assert (c["matched"], c["missing"]) == (len(expect[name]), len(samples) - len(expect[name])), name
+        assert c["coverage"] == pytest.approx(len(expect[name]) / len(samples)), name
+    return expect
+
+
+def test_clip_trains_on_every_release_format(testbed_train: Path, tmp_path: Path, capsys) -> None:
+    """Every release format attached to one copy of the shards, read by the pipeline (each drawn caption
+    is its fixture's caption for that key) and by one short CLIP run (each source used)."""
     from clip_train.config import load_config
     from clip_train.train import train
     from training.checkpoint import load_checkpoint
 
-    pattern, samples = copy_shards(testbed_train, tmp_path / "s")
-    write_dreamlip(tmp_path / "cc12m_3long_3short_1raw_captions_url.csv", covered(samples))
-    rc, out = attach(
-        capsys, "--shards", pattern, "--format", "dreamlip", "--captions",
-        str(tmp_path / "cc12m_3long_3short_1raw_captions_url.csv"),
-        "--columns", "long_llava=longLLA_captions,dreamlip=shortIB_captions+longIB_captions+shortSV_captions",
-    )  # fmt: skip
-    assert rc == 0, out
+    pattern, samples = _every_release_shards(testbed_train, tmp_path / "s")
+    expect = attach_every_release(capsys, pattern, samples, tmp_path)
+    alt = {s["key"]: s["txt"].decode() for s in samples}
+    captions = ",".join(["alt=0.28", *(f"{n}=0.08" for n in RELEASE_SOURCES)])
+    draws = train_draws(pattern, Mixture.parse(captions), p_mode="effective")[0]
+    assert len(draws) == len(samples)
+    for key, caption, source in draws:  # the right text: the fixture's caption for that key and source
+        assert caption in (expect[source].get(key, ()) if source != "alt" else {alt[key]}), (key, source, caption)
+    assert set(RELEASE_SOURCES) <= {source for _, _, source in draws}
+
     overrides = {"batch_size": 32, "samples_seen": 6 * 32, "workers": 0, "checkpoint_every": 100, "log_every": 2}
-    overrides.update(warmup_steps=2, captions="alt=0.5,long_llava=0.25,dreamlip=0.25", p_mode="effective")
+    overrides.update(warmup_steps=2, captions=captions, p_mode="effective")
     cfg = load_config("embedded", overrides)
     state = load_checkpoint(train(cfg, tmp_path / "run", pattern, num_samples=len(samples)))
     used = state["mixing"]["used"]
-    assert state["step"] == 6 and used["long_llava"] > 0 and used["dreamlip"] > 0
-    assert sum(used.values()) == 6 * 32
+    assert state["step"] == 6 and sum(used.values()) == 6 * 32
+    assert all(used.get(n, 0) > 0 for n in RELEASE_SOURCES), used
