@@ -139,6 +139,11 @@ def validate(cfg: T2IConfig) -> None:
         raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
     if cfg.latent_size % cfg.patch_size:
         raise ValueError(f"latent_size={cfg.latent_size} is not divisible by patch_size={cfg.patch_size}")
+    if cfg.vae == EMBEDDED and cfg.resolution not in (cfg.latent_size * f for f in (1, 2, 4)):
+        raise ValueError(
+            f"resolution={cfg.resolution}, latent_size={cfg.latent_size}: the embedded VAE downsamples by 1, 2 or 4, "
+            "so resolution must be latent_size x 1, 2 or 4"
+        )
     if cfg.batch_size <= 0 or cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"batch_size={cfg.batch_size} must be positive and divisible by grad_accum={cfg.grad_accum}")
     if cfg.train_shards is None and cfg.train_latents is None:
