@@ -2,7 +2,7 @@
 
 A reader (or a resumed run) sees either the old file or the complete new one, never a
 half-written file, even when the writer is killed mid-write. A kill between the temp file's
-creation and the rename leaves ``.{name}.XXXXXXXX.tmp`` behind: readers never look at such names,
+creation and the rename leaves ``.{name}.<random suffix>.tmp`` behind: readers never look at such names,
 and ``remove_stale_temps`` clears them for the files a tool is about to write again.
 """
 

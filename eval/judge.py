@@ -74,9 +74,10 @@ class JudgeNet(nn.Module):
 
 
 def image_transform(resolution: int):
-    """PIL -> uint8 tensor [3, r, r]: the resize and crop of ``t2i.embedded.image_tensor_transform``.
+    """PIL -> uint8 tensor [3, r, r]: bicubic resize of the short side, centre crop.
 
-    Kept in step with that function by hand: eval imports nothing of t2i.
+    The one resize and crop of testbed images: ``t2i.embedded.image_tensor_transform`` (the generator's
+    data path) builds on it, so the judge sees images as the generator was trained on them.
     """
     from torchvision import transforms
 

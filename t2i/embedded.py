@@ -73,16 +73,18 @@ def embedded_split(train_pattern: str) -> tuple[list[str], list[str]]:
 
 
 def image_tensor_transform(resolution: int):
-    """PIL -> float tensor in [-1, 1], resized and center-cropped to ``resolution``."""
+    """PIL -> float tensor in [-1, 1], resized and center-cropped to ``resolution``.
+
+    The resize and crop are the GenEval judge's (``eval.judge.image_transform``), so the judge sees
+    testbed images exactly as the generator was trained on them.
+    """
+    import torch
     from torchvision import transforms
 
+    from eval.judge import image_transform
+
     return transforms.Compose(
-        [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-            transforms.CenterCrop(resolution),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5], [0.5]),
-        ]
+        [image_transform(resolution), transforms.ConvertImageDtype(torch.float32), transforms.Normalize([0.5], [0.5])]
     )
 
 
