@@ -23,6 +23,8 @@ __all__ = ["EMBEDDED", "T2IConfig", "list_presets", "load_config", "parse_overri
 
 PRESET_DIR = Path(__file__).parent / "presets"
 EMBEDDED = "embedded"
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # diffusers DDPMScheduler names
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -69,10 +71,16 @@ class T2IConfig(MixingFields):
     precision: str = "fp32"  # fp32 | bf16
     gradient_checkpointing: bool = False
     torch_compile: bool = False  # torch.compile the DiT (inductor); checkpoints and EMA keep plain weights
-    # --- diffusion (DDPM linear schedule, epsilon prediction) ---
+    # --- diffusion (DiT: DDPM linear schedule, epsilon prediction) ---
     num_train_timesteps: int = 1000
-    beta_start: float = 1e-4
+    beta_schedule: str = "linear"  # linear (DiT) | squaredcos_cap_v2 (improved DDPM's cosine; keeps signal at 32 px)
+    beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02
+    prediction_type: str = "epsilon"  # epsilon (DiT) | v_prediction (Salimans & Ho 2022); the pipeline samples the same
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers train_text_to_image --snr_gamma): each timestep's
+    # epsilon MSE is weighted by min(SNR, gamma) / SNR, so nearly clean steps (texture) stop dominating the
+    # gradient. null = DiT's uniform weighting (the paper's recipe); 5.0 is the paper's recommended value.
+    snr_gamma: float | None = None
     # --- loader, checkpoints, logging ---
     workers: int = 1
     shuffle_buffer: int = 1000
@@ -135,6 +143,14 @@ def validate(cfg: T2IConfig) -> None:
     unknown = {k.strip() for k in cfg.logger.split(",")} - set(LOGGERS)
     if unknown:
         raise ValueError(f"logger={cfg.logger!r}: unknown {sorted(unknown)}; use a comma list of {', '.join(LOGGERS)}")
+    if cfg.beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule={cfg.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={cfg.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+    if cfg.learned_sigma and cfg.prediction_type != "epsilon":
+        raise ValueError("learned_sigma=true needs prediction_type=epsilon (the VLB term is written for epsilon)")
+    if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
+        raise ValueError(f"snr_gamma={cfg.snr_gamma} must be > 0 (or null for uniform weighting)")
     if cfg.hidden_size % cfg.num_heads:
         raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
     if cfg.latent_size % cfg.patch_size:

@@ -33,13 +33,13 @@ def schedule_kwargs(cfg: T2IConfig) -> dict:
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
-        beta_schedule="linear",
-        prediction_type="epsilon",
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
     )
 
 
 def train_scheduler(cfg: T2IConfig) -> DDPMScheduler:
-    """DDPM linear schedule (1e-4 to 0.02 over 1000 steps), epsilon prediction."""
+    """DDPM schedule of the config (DiT: linear 1e-4 to 0.02 over 1000 steps, epsilon prediction)."""
     variance = "learned_range" if cfg.learned_sigma else "fixed_small"
     return DDPMScheduler(**schedule_kwargs(cfg), variance_type=variance, clip_sample=False)
 

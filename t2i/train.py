@@ -288,7 +288,8 @@ def diffusion_loss(
     mask: torch.Tensor,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """Noise the latents at random timesteps; epsilon MSE, plus the VLB term when sigma is learned."""
+    """Noise the latents at random timesteps; MSE against epsilon or v (min-SNR-gamma weighted when ``snr_gamma``
+    is set), plus the VLB term when sigma is learned."""
     noise = torch.randn(latents.shape, generator=gen, device=latents.device)
     t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen, device=latents.device)
     a = sched.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
@@ -297,7 +298,13 @@ def diffusion_loss(
         out = model(noisy, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask).sample
     out = out.float()
     eps = out[:, : cfg.latent_channels]
-    loss = F.mse_loss(eps, noise)
+    target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    if cfg.snr_gamma:  # as diffusers' train_text_to_image: min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v)
+        snr = (a / (1 - a)).view(-1).clamp_min(1e-12)
+        weight = snr.clamp(max=cfg.snr_gamma) / (snr if cfg.prediction_type == "epsilon" else snr + 1)
+        loss = (weight * (eps - target).pow(2).mean(dim=(1, 2, 3))).mean()
+    else:
+        loss = F.mse_loss(eps, target)
     if cfg.learned_sigma:
         loss = loss + vlb_loss(sched, latents, noisy, t, eps.detach(), out[:, cfg.latent_channels :])
     return loss

@@ -376,3 +376,72 @@ def test_multi_process_epochs_need_a_known_size_and_a_shard_per_reader() -> None
         micro_batches_per_epoch(cfg, DataSpec(shards, False, None, 4), world=2)
     with pytest.raises(ValueError, match="8 shards cannot feed 8 processes x 2 workers"):
         micro_batches_per_epoch(cfg, DataSpec(shards, False, None, 100), world=8)
+
+
+def test_min_snr_weighting_downweights_nearly_clean_timesteps() -> None:
+    """snr_gamma weights each sample's epsilon MSE by min(SNR, gamma) / SNR; null keeps DiT's plain MSE."""
+    from accelerate import Accelerator
+
+    from t2i.model import train_scheduler
+    from t2i.train import diffusion_loss
+
+    class Zero(torch.nn.Module):  # predicts eps = 0, so the loss is the weighted mean of noise^2
+        def forward(self, x, **_):
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+    with pytest.raises(ValueError, match="snr_gamma=0"):
+        load_config("embedded", {"snr_gamma": 0})
+    cfg = load_config("embedded", {"snr_gamma": 5.0})
+    plain = load_config("embedded", {"snr_gamma": None})
+    sched, acc, lat = train_scheduler(cfg), Accelerator(cpu=True), torch.zeros(64, 4, 8, 8)
+    h, m = torch.zeros(64, 3, 16), torch.ones(64, 3)
+
+    def loss(c):
+        return diffusion_loss(Zero(), acc, c, sched, lat, h, m, torch.Generator().manual_seed(0)).item()
+
+    gen = torch.Generator().manual_seed(0)  # the draws diffusion_loss makes, in its order
+    noise = torch.randn(lat.shape, generator=gen)
+    t = torch.randint(0, cfg.num_train_timesteps, (64,), generator=gen)
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    per_sample = noise.pow(2).mean(dim=(1, 2, 3))
+    assert loss(plain) == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    expected = (snr.clamp(max=5.0) / snr * per_sample).mean().item()
+    assert loss(cfg) == pytest.approx(expected, rel=1e-5)
+    assert (snr > 5).any() and loss(cfg) < loss(plain)  # clean timesteps weigh less
+
+
+def test_v_prediction_target_schedule_and_exported_sampler() -> None:
+    """prediction_type=v_prediction regresses v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho), and the exported
+    sampler is told so; the cosine schedule reaches the scheduler; learned sigma refuses v."""
+    from accelerate import Accelerator
+
+    from t2i.model import sample_scheduler, train_scheduler
+    from t2i.train import diffusion_loss
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, **_):
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+    with pytest.raises(ValueError, match="learned_sigma=true needs prediction_type=epsilon"):
+        load_config("embedded", {"learned_sigma": True, "prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="prediction_type='x0'"):
+        load_config("embedded", {"prediction_type": "x0"})
+    with pytest.raises(ValueError, match="beta_schedule='cosine'"):
+        load_config("embedded", {"beta_schedule": "cosine"})
+    over = {"prediction_type": "v_prediction", "beta_schedule": "squaredcos_cap_v2", "snr_gamma": None}
+    cfg = load_config("embedded", over)
+    sched = train_scheduler(cfg)
+    assert sample_scheduler(cfg).config.prediction_type == "v_prediction"
+    assert sample_scheduler(cfg).config.beta_schedule == "squaredcos_cap_v2"
+    linear = train_scheduler(load_config("embedded", {"beta_schedule": "linear"}))
+    assert sched.alphas_cumprod[500] > 2 * linear.alphas_cumprod[500]  # cosine keeps more signal mid-way
+    lat = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    h, m = torch.zeros(16, 3, 16), torch.ones(16, 3)
+    got = diffusion_loss(Zero(), Accelerator(cpu=True), cfg, sched, lat, h, m, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(lat.shape, generator=gen)
+    t = torch.randint(0, cfg.num_train_timesteps, (16,), generator=gen)
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = a.sqrt() * noise - (1 - a).sqrt() * lat
+    assert got.item() == pytest.approx(v.pow(2).mean().item(), rel=1e-5)
+    assert got.item() != pytest.approx(noise.pow(2).mean().item(), rel=1e-2)  # not the epsilon target
