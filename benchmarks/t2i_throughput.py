@@ -252,7 +252,11 @@ def role_diffusers(args: argparse.Namespace, inputs: dict) -> list[float]:
                     noisy_latents, encoder_hidden_states=encoder_hidden_states, timestep=timesteps,
                     encoder_attention_mask=mask, return_dict=False,
                 )[0]  # fmt: skip
-                loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+                if noise_scheduler.config.prediction_type == "v_prediction":  # as diffusers' train_text_to_image
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
                 train_loss = accelerator.gather(loss.repeat(bsz)).mean().item()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -292,14 +293,19 @@ def score_folder(folder: Path, judge: PredictsImages) -> dict[str, Any]:
 
 
 def judge_ceiling(
-    judge: PredictsImages, metadata: list[dict[str, Any]], images_per_record: int = 4, seed: int = 0
+    judge: PredictsImages,
+    metadata: list[dict[str, Any]],
+    images_per_record: int = 4,
+    seed: int = 0,
+    roundtrip: Callable[[list[Image.Image]], list[Image.Image]] | None = None,
 ) -> dict[str, Any]:
     """The judge's scores on real testbed renderings matching each record (ceiling) and on uniform noise (floor).
 
     Real: ``images_per_record`` held-out renderings of the scene each record describes
     (``testbed.geneval.record_scene_spec``, ``testbed.judge_data.render_scenes(split='holdout')``, one
     stream per record). Noise: uniform RGB at the judge's resolution. Returns {"real": ..., "noise": ...},
-    each shaped like :func:`score_images`.
+    each shaped like :func:`score_images`. With ``roundtrip`` (a latent model's VAE encode + decode), also
+    "roundtrip": the same real renderings after it, the most a generator decoding through that VAE can reach.
     """
     from eval.judge import HEADS, uniform_noise
     from testbed.judge_data import render_scenes
@@ -315,4 +321,7 @@ def judge_ceiling(
         real.append([s.image for s in scenes])
     noise_all = uniform_noise(images_per_record * len(metadata), judge.resolution, seed)
     noise = [noise_all[i * images_per_record : (i + 1) * images_per_record] for i in range(len(metadata))]
-    return {"real": score_images(metadata, real, judge), "noise": score_images(metadata, noise, judge)}
+    out = {"real": score_images(metadata, real, judge), "noise": score_images(metadata, noise, judge)}
+    if roundtrip is not None:
+        out["roundtrip"] = score_images(metadata, [roundtrip(imgs) if imgs else [] for imgs in real], judge)
+    return out

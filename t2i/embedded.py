@@ -55,9 +55,15 @@ LAUNCH_VARIABLES = (
 )
 
 
+NOTICE = "Embedded components trained on the synthetic testbed; not paper models."
+CLIP_FILE, TEXT_DIR, VAE_DIR = "clip.pt", "clip_text", "vae"
+# Bumped when a recipe changes in a way the key's fields do not show (numbering continues the former joint cache).
+CLIP_RECIPE_VERSION = 3
+VAE_RECIPE_VERSION = 3  # 3: object-weighted L1, one-cycle lr
+
+
 @dataclass(frozen=True)
 class EmbeddedComponents:
-    root: Path
     vae: Path  # AutoencoderKL folder
     text_encoder: Path  # folder with text_encoder/ + tokenizer/
     clip_checkpoint: Path  # open_clip checkpoint of EMBEDDED_CLIP_MODEL
@@ -88,19 +94,21 @@ def image_tensor_transform(resolution: int):
     )
 
 
-def _key(cfg: T2IConfig, fingerprint: str) -> str:
-    doc = {
-        "testbed": fingerprint,
-        "resolution": cfg.resolution,
-        "latent_channels": cfg.latent_channels,
-        "latent_size": cfg.latent_size,
-        "vae_steps": cfg.embedded_vae_steps,
-        "clip_samples": cfg.embedded_clip_samples,
-        "clip_p": cfg.embedded_clip_p,
-        "seed": cfg.seed,
-        "version": 3,  # 3: object-weighted VAE loss, one-cycle lr
-    }
+def _key(doc: dict) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def clip_key(cfg: T2IConfig, fingerprint: str) -> str:
+    """What determines the embedded CLIP (and the text encoder exported from it)."""
+    doc = {"testbed": fingerprint, "clip_samples": cfg.embedded_clip_samples, "clip_p": cfg.embedded_clip_p}
+    return _key({**doc, "seed": cfg.seed, "version": CLIP_RECIPE_VERSION})
+
+
+def vae_key(cfg: T2IConfig, fingerprint: str) -> str:
+    """What determines the embedded VAE; its own cache entry, so a VAE change does not retrain the CLIP."""
+    doc = {"testbed": fingerprint, "resolution": cfg.resolution, "latent_channels": cfg.latent_channels}
+    doc.update(latent_size=cfg.latent_size, vae_steps=cfg.embedded_vae_steps, seed=cfg.seed)
+    return _key({**doc, "version": VAE_RECIPE_VERSION})
 
 
 TINY_VAE_WIDTHS = (32, 64, 64)  # channels per block; block i > 0 halves the resolution
@@ -240,40 +248,42 @@ def train_embedded_clip(out: Path, cfg: T2IConfig, testbed, shards: list[str]) -
     return ckpt
 
 
-def _build_components(tmp: Path, comps: EmbeddedComponents, cfg: T2IConfig, testbed) -> None:
-    """Train the embedded CLIP (text tower exported) and the tiny VAE into ``tmp``, then mark it done."""
+def _build_clip(tmp: Path, cfg: T2IConfig, testbed) -> None:
+    """Train the embedded CLIP into ``tmp`` (checkpoint + exported text tower), then mark it done."""
     from t2i.components import export_open_clip_text
 
     train_shards, _ = embedded_split(testbed.train_shards)
     t0 = time.perf_counter()
     ckpt = train_embedded_clip(tmp / "clip_run", cfg, testbed, train_shards)
-    shutil.copyfile(ckpt, tmp / comps.clip_checkpoint.name)
-    export_open_clip_text(tmp / comps.clip_checkpoint.name, EMBEDDED_CLIP_MODEL, tmp / comps.text_encoder.name)
-    t1 = time.perf_counter()
-    train_tiny_vae(tmp / comps.vae.name, train_shards, cfg)
-    t2 = time.perf_counter()
-    atomic_write_json(
-        tmp / DONE,
-        {
-            "notice": "Embedded components trained on the synthetic testbed; not paper models.",
-            "clip_model": EMBEDDED_CLIP_MODEL,
-            "clip_p": cfg.embedded_clip_p,
-            "clip_samples": cfg.embedded_clip_samples,
-            "vae_steps": cfg.embedded_vae_steps,
-            "vae_factor": cfg.resolution // cfg.latent_size,
-            "clip_seconds": round(t1 - t0, 1),
-            "vae_seconds": round(t2 - t1, 1),
-        },
-    )
+    shutil.copyfile(ckpt, tmp / CLIP_FILE)
+    export_open_clip_text(tmp / CLIP_FILE, EMBEDDED_CLIP_MODEL, tmp / TEXT_DIR)
+    card = {"clip_model": EMBEDDED_CLIP_MODEL, "clip_p": cfg.embedded_clip_p, "clip_samples": cfg.embedded_clip_samples}
+    atomic_write_json(tmp / DONE, {"notice": NOTICE, **card, "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def _build_vae(tmp: Path, cfg: T2IConfig, testbed) -> None:
+    """Train the tiny VAE into ``tmp``, then mark it done."""
+    train_shards, _ = embedded_split(testbed.train_shards)
+    t0 = time.perf_counter()
+    train_tiny_vae(tmp / VAE_DIR, train_shards, cfg)
+    card = {"vae_steps": cfg.embedded_vae_steps, "vae_factor": cfg.resolution // cfg.latent_size}
+    card["recipe_version"] = VAE_RECIPE_VERSION
+    atomic_write_json(tmp / DONE, {"notice": NOTICE, **card, "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def _ensure(root: Path, what: str, build) -> Path:
+    if (root / DONE).exists():
+        print(f"t2i embedded {what}: reusing {root}", flush=True)
+    else:
+        print(f"t2i embedded {what}: building {root}", flush=True)
+        build_folder_once(root, DONE, build)
+    return root
 
 
 def ensure_embedded_components(cfg: T2IConfig, testbed) -> EmbeddedComponents:
-    """Build (or reuse) the embedded VAE and CLIP for this testbed and config."""
-    root = Path(testbed.root).parent / f"t2i-embedded-{testbed.fingerprint}-{_key(cfg, testbed.fingerprint)}"
-    comps = EmbeddedComponents(root, root / "vae", root / "clip_text", root / "clip.pt")
-    if (root / DONE).exists():
-        print(f"t2i embedded components: reusing {root}", flush=True)
-        return comps
-    print(f"t2i embedded components: building {root}", flush=True)
-    build_folder_once(root, DONE, lambda tmp: _build_components(tmp, comps, cfg, testbed))
-    return comps
+    """Build (or reuse) the embedded CLIP and VAE for this testbed and config, each in its own cache folder
+    (keyed by what determines it: ``clip_key``, ``vae_key``) beside the testbed."""
+    cache, fp = Path(testbed.root).parent, testbed.fingerprint
+    clip = _ensure(cache / f"t2i-clip-{fp}-{clip_key(cfg, fp)}", "CLIP", lambda tmp: _build_clip(tmp, cfg, testbed))
+    vae = _ensure(cache / f"t2i-vae-{fp}-{vae_key(cfg, fp)}", "VAE", lambda tmp: _build_vae(tmp, cfg, testbed))
+    return EmbeddedComponents(vae / VAE_DIR, clip / TEXT_DIR, clip / CLIP_FILE)

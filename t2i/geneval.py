@@ -73,12 +73,13 @@ def _summary(scores: dict) -> dict:
     return {k: v for k, v in scores.items() if k != "verdicts"}
 
 
-def score_geneval(out: Path, judge, records: list[dict], images_per_prompt: int, seed: int = 0) -> dict:
-    """Judge the folder, and measure the judge itself on real renderings and on noise for the same records."""
+def score_geneval(out: Path, judge, records: list[dict], images_per_prompt: int, seed: int = 0, roundtrip=None) -> dict:
+    """Judge the folder, and measure the judge itself on real renderings, on noise and (with ``roundtrip``, the
+    pipeline's VAE) on real renderings after encode + decode, for the same records."""
     from eval.geneval import judge_ceiling, score_folder
 
     scores = score_folder(out, judge)
-    reference = judge_ceiling(judge, records, images_per_record=images_per_prompt, seed=seed)
+    reference = judge_ceiling(judge, records, images_per_record=images_per_prompt, seed=seed, roundtrip=roundtrip)
     return {"scores": scores, "judge_reference": {k: _summary(v) for k, v in reference.items()}}
 
 
@@ -184,6 +185,8 @@ def run_geneval_folder(
     guidance_scale: float = 4.5,
 ) -> dict:
     """Generate into ``out`` (GenEval layout), score when a judge is given, write ``out/geneval.json``."""
+    from t2i.sample import vae_roundtrip
+
     out = Path(out)
     if out.exists():  # a stale folder from another run would mix into the official scorer's input
         shutil.rmtree(out)
@@ -202,7 +205,7 @@ def run_geneval_folder(
     }
     if judge is not None:
         doc.update(
-            score_geneval(out, judge, records, images_per_prompt, seed),
+            score_geneval(out, judge, records, images_per_prompt, seed, roundtrip=vae_roundtrip(pipe)),
             judge_path=str(judge_path) if judge_path else None,
         )
         doc["judge_card"] = getattr(judge, "card", None)
@@ -277,7 +280,7 @@ def print_summary(doc: dict) -> None:
         print(f"no judge: score them with GenEval's official scorer:\n  {doc['official_scorer']}")
         return
     ref = doc.get("judge_reference", {})
-    print(f"{'category':<16}{'generated':>10}{'real (ceiling)':>16}{'noise (floor)':>15}  images")
+    print(f"{'category':<16}{'generated':>10}{'real (ceiling)':>16}{'through VAE':>13}{'noise (floor)':>15}  images")
 
     def pct(block: dict | None, tag: str) -> str:
         v = (block or {}).get("overall") if tag == "overall" else (block or {}).get("per_category", {}).get(tag)
@@ -286,7 +289,8 @@ def print_summary(doc: dict) -> None:
     for tag in [*scores["per_category"], "overall"]:
         count = scores.get("n_images", {}).get(tag, "")
         print(
-            f"{tag:<16}{pct(scores, tag):>10}{pct(ref.get('real'), tag):>16}{pct(ref.get('noise'), tag):>15}  {count}"
+            f"{tag:<16}{pct(scores, tag):>10}{pct(ref.get('real'), tag):>16}{pct(ref.get('roundtrip'), tag):>13}"
+            f"{pct(ref.get('noise'), tag):>15}  {count}"
         )
     for tag, why in scores.get("not_applicable", {}).items():
         print(f"n/a {tag}: {why}")

@@ -109,7 +109,11 @@ def seed_table(runs: list[dict]) -> str:
     return "\n".join(lines + ["", RULE])
 
 
-GENEVAL_REFERENCE = {"real": "judge on real testbed renderings (ceiling)", "noise": "judge on uniform noise (floor)"}
+GENEVAL_REFERENCE = {
+    "real": "judge on real testbed renderings (ceiling)",
+    "roundtrip": "same renderings through the pipeline's VAE (its ceiling)",
+    "noise": "judge on uniform noise (floor)",
+}
 
 
 def geneval_tags(runs: list[dict]) -> list[str]:
@@ -123,8 +127,25 @@ def geneval_tags(runs: list[dict]) -> list[str]:
 
 
 def _geneval_reference(runs: list[dict]) -> dict:
-    """The judge's ceiling/floor block of the first run that has one (one judge serves the whole sweep)."""
-    return next((r["geneval"]["judge"] for r in runs if r.get("geneval", {}).get("judge")), {})
+    """The judge's ceiling/floor block of the first run that has one (one judge serves the whole sweep); the VAE
+    round trip (``roundtrip``) is averaged over the runs, whose VAEs may differ (the embedded one is per seed)."""
+    blocks = [r["geneval"]["judge"] for r in runs if r.get("geneval", {}).get("judge")]
+    if not blocks:
+        return {}
+    ref = dict(blocks[0])
+    trips = [b["roundtrip"] for b in blocks if b.get("roundtrip")]
+
+    def mean(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    if trips:
+        tags = {t for b in trips for t in b.get("per_category", {})}
+        ref["roundtrip"] = {
+            "overall": mean([b.get("overall") for b in trips]),
+            "per_category": {t: mean([b["per_category"].get(t) for b in trips]) for t in sorted(tags)},
+        }
+    return ref
 
 
 def geneval_table(runs: list[dict]) -> str:
@@ -202,12 +223,12 @@ def plot_geneval(runs: list[dict], path: Path) -> Path | None:
             label=tag,
             lw=2.5 if tag == "overall" else 1.5,
         )
-        for name, style in (("real", "--"), ("noise", ":")):
+        for name, style in (("real", "--"), ("roundtrip", "-."), ("noise", ":")):
             level = get({"geneval": ref[name]}) if ref.get(name) else None
             if level is not None:
                 ax.axhline(100 * level, ls=style, color=color, lw=1, alpha=0.7)
     ax.set(xlabel="p (share of synthetic captions in training)", ylabel="GenEval-style accuracy (%)", ylim=(0, 100))
-    ax.set_title("accuracy vs p (dashed: judge on real renderings, dotted: on noise)", fontsize=9)
+    ax.set_title("accuracy vs p (dashed: real renderings, dash-dot: through the VAE, dotted: noise)", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
@@ -368,9 +389,10 @@ def metric_sections(runs: list[dict], out_dir: Path, paths: dict[str, Path]) -> 
             f"Prompts from GenEval's categories written over the testbed world, {n} seeded images per prompt; "
             "an image is correct when the judge (a small CNN trained on labelled testbed renderings, "
             "`eval.judge`) sees every required object with its count and colour. Accuracy in %, mean ± std "
-            "over seeds; in parentheses the difference from the lowest p. The last two rows: the judge on real "
-            "testbed renderings of the same prompts (what a perfect generator could reach through this judge) "
-            "and on uniform noise (what an image with no content scores).",
+            "over seeds; in parentheses the difference from the lowest p. The last rows: the judge on real "
+            "testbed renderings of the same prompts (what a perfect generator could reach through this judge), "
+            "on the same renderings encoded and decoded by the pipeline's VAE (what a generator that decodes "
+            "through it can reach) and on uniform noise (what an image with no content scores).",
             "",
             geneval,
             "",

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -130,6 +131,25 @@ def generate(
         )
         images.extend(out.images)
     return images
+
+
+def vae_roundtrip(pipe) -> Callable[[list[Image.Image]], list[Image.Image]]:
+    """Images -> the pipeline's VAE (posterior mean) -> decoded images, resized and cropped as training data is.
+
+    What the latent space keeps of a real image: a generator that decodes through this VAE can do no better,
+    so the judge's score on these is the pipeline's own ceiling (the embedded VAE, for one, shifts colours).
+    """
+    from t2i.embedded import image_tensor_transform
+
+    tf = image_tensor_transform(pipe.transformer.config.sample_size * pipe.vae_scale_factor)
+
+    @torch.no_grad()
+    def run(images: list[Image.Image]) -> list[Image.Image]:
+        x = torch.stack([tf(im.convert("RGB")) for im in images]).to(pipe.vae.device, pipe.vae.dtype)
+        decoded = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+        return pipe.image_processor.postprocess(decoded.float(), output_type="pil")
+
+    return run
 
 
 def image_grid(images: list[Image.Image], cols: int) -> Image.Image:

@@ -218,6 +218,26 @@ def test_judge_ceiling_real_far_above_noise(judge_dir: Path) -> None:
     assert real["per_category"]["counting"] >= 0.2 and real["per_category"]["colors"] >= 0.2
     assert real["overall"] > noise["overall"] + 0.2 and noise["overall"] < 0.3
     assert set(real) == {"overall", "per_category", "n_images", "n_prompts", "not_applicable", "verdicts"}
+    assert "roundtrip" not in ceiling  # only with a VAE to pass the renderings through
+
+
+def test_judge_ceiling_through_a_roundtrip_scores_what_it_returns(judge_dir: Path) -> None:
+    """``roundtrip`` (a pipeline's VAE) sees the same real renderings: identity keeps the ceiling, a
+    transform that erases the content falls to the noise floor's level."""
+    judge = load_judge(judge_dir / CARD)
+    metadata = geneval_metadata(seed=0, per_tag=6)
+    seen: list[int] = []
+
+    def identity(images):
+        seen.append(len(images))
+        return images
+
+    same = judge_ceiling(judge, metadata, images_per_record=3, seed=0, roundtrip=identity)
+    assert same["roundtrip"]["overall"] == same["real"]["overall"] and seen == [3] * len(metadata)
+    grey = judge_ceiling(
+        judge, metadata, images_per_record=3, seed=0, roundtrip=lambda ims: [Image.new("RGB", im.size) for im in ims]
+    )
+    assert grey["roundtrip"]["overall"] < grey["real"]["overall"] - 0.2
 
 
 def test_shard_reader_returns_stored_labels(tmp_path: Path) -> None:

@@ -191,8 +191,10 @@ def test_geneval_command_writes_genevals_layout_scores_and_repeats_seeds(
 ) -> None:
     from eval.geneval import read_metadata, sample_path, write_metadata
     from t2i.__main__ import main
-    from t2i.sample import generate, load_pipeline
+    from t2i.embedded import image_tensor_transform
+    from t2i.sample import generate, load_pipeline, vae_roundtrip
     from testbed.geneval import geneval_metadata
+    from testbed.judge_data import render_scenes
 
     out = tmp_path / "gen"
     argv = ["geneval", "--pipeline", str(tiny["pipeline"]), "--out", str(out), "--judge", str(tiny["judge"])]
@@ -212,7 +214,19 @@ def test_geneval_command_writes_genevals_layout_scores_and_repeats_seeds(
     )
     correct = [v["correct"] for v in scores["verdicts"] if v["tag"] == "counting"]
     assert scores["per_category"]["counting"] == pytest.approx(sum(correct) / len(correct))
-    assert set(doc["judge_reference"]) == {"real", "noise"} and "verdicts" not in doc["judge_reference"]["real"]
+    ref = doc["judge_reference"]
+    assert set(ref) == {"real", "roundtrip", "noise"} and "verdicts" not in ref["real"]
+    pipe, _ = load_pipeline(tiny["pipeline"])  # the round trip is the pipeline's VAE at its resolution
+    real = render_scenes(2, 0, "holdout")
+    trip = vae_roundtrip(pipe)([s.image for s in real])
+    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    assert [im.size for im in trip] == [(size, size)] * 2
+    x = torch.stack([image_tensor_transform(size)(s.image.convert("RGB")) for s in real])
+    with torch.no_grad():
+        want = pipe.image_processor.postprocess(pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample, "pil")
+    assert np.array_equal(np.asarray(trip[1]), np.asarray(want[1]))
+    assert ref["roundtrip"]["per_category"].keys() == ref["real"]["per_category"].keys()
+    assert "through VAE" in printed
     assert doc["judge_card"]["train"]["steps"] == 2 and "evaluate_images.py" in doc["official_scorer"]
     # Sample n of prompt i is seed + i * N + n, whatever the batching: regenerate prompt 2, sample 1 alone.
     pipe, meta = load_pipeline(tiny["pipeline"])
@@ -266,7 +280,8 @@ def test_embedded_evaluation_adds_geneval_and_distribution_and_the_html_shows_th
     g = metrics["geneval"]
     assert set(g["per_category"]) >= {"single_object", "counting", "colors"} and g["images_per_prompt"] == 2
     assert g["n_images"] == {**g["n_images"], "single_object": 2, "counting": 2, "colors": 2}
-    assert "verdicts" not in g and set(g["judge"]) == {"real", "noise"} and g["judge"]["real"]["overall"] is not None
+    assert "verdicts" not in g and set(g["judge"]) == {"real", "roundtrip", "noise"}
+    assert g["judge"]["real"]["overall"] is not None and g["judge"]["roundtrip"]["overall"] is not None
     assert asked == [holdout]  # the judge's card also measures it on the run's held-out real images
     assert Path(g["judge_path"]).parent == tmp_path / "cache" and Path(g["folder"]) == (run_dir / "geneval").resolve()
     d = metrics["distribution"]
@@ -279,7 +294,9 @@ def test_embedded_evaluation_adds_geneval_and_distribution_and_the_html_shows_th
     paths = write_t2i_report([metrics], tmp_path / "report")
     page = paths["html"].read_text()
     assert page.count('<img class="s"') == 2 * 3 + 3 * 2  # 3 held-out pairs, 3 GenEval prompts x 2 images
-    assert "single_object" in paths["markdown"].read_text() and paths["geneval_plot"].is_file()
+    md = paths["markdown"].read_text()
+    assert "single_object" in md and paths["geneval_plot"].is_file()
+    assert "| same renderings through the pipeline's VAE (its ceiling) | - |" in md
 
 
 def test_held_out_images_are_read_by_the_judge_against_the_scenes_truth(tmp_path: Path) -> None:

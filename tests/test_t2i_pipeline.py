@@ -274,7 +274,8 @@ def test_learned_sigma_trains_exports_and_samples_end_to_end(world: dict, tmp_pa
     from training.checkpoint import latest_checkpoint, load_checkpoint
 
     recipe = load_config("dit-xl-2")
-    cfg = load_config("embedded", {**world["overrides"], "learned_sigma": True, "grad_clip": recipe.grad_clip})
+    diffusion = {k: getattr(recipe, k) for k in ("learned_sigma", "grad_clip", "prediction_type", "beta_schedule")}
+    cfg = load_config("embedded", {**world["overrides"], **diffusion})
     metrics = run_point(cfg, tmp_path / "runs")
     run_dir = run_dir_for(tmp_path / "runs", cfg)
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

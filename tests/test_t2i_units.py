@@ -269,7 +269,8 @@ def test_training_threads_leave_a_core_per_loader_worker(monkeypatch: pytest.Mon
 
 
 def test_embedded_components_are_built_once_into_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sweep's points share one build; the folder appears only when complete (built aside, then renamed)."""
+    """A sweep's points share one build; the folder appears only when complete (built aside, then renamed);
+    CLIP and VAE are cached apart, so changing the VAE's recipe does not retrain the CLIP."""
     from types import SimpleNamespace
 
     import t2i.components
@@ -285,7 +286,7 @@ def test_embedded_components_are_built_once_into_place(tmp_path: Path, monkeypat
     def fake_clip_train(out: Path, cfg, tb, shards) -> Path:
         calls.append("clip")
         assert shards == [str(tmp_path / "00000.tar")]  # the last shard is held out
-        assert out.parent.name.startswith(".t2i-embedded-fp-")  # built aside, not in the final folder
+        assert out.parent.name.startswith(".t2i-clip-fp-")  # built aside, not in the final folder
         out.mkdir(parents=True)
         (out / "step.pt").write_bytes(b"ckpt")
         return out / "step.pt"
@@ -298,9 +299,12 @@ def test_embedded_components_are_built_once_into_place(tmp_path: Path, monkeypat
     again = emb.ensure_embedded_components(load_config("embedded", {"p": 0.0, "max_steps": 7}), testbed)
     assert calls == ["clip", "vae"] and first == again
     assert first.clip_checkpoint.read_bytes() == b"ckpt" and first.vae.is_dir() and first.text_encoder.is_dir()
-    assert [p.name for p in tmp_path.glob("*t2i-embedded-*")] == [first.root.name]  # no temp folder left
+    folders = sorted(p.name for p in tmp_path.glob("*t2i-*"))  # no temp folder left
+    assert folders == sorted([first.vae.parent.name, first.clip_checkpoint.parent.name])
     other = emb.ensure_embedded_components(load_config("embedded", {"embedded_vae_steps": 10}), testbed)
-    assert other.root != first.root and calls == ["clip", "vae", "clip", "vae"]
+    assert other.vae != first.vae and other.text_encoder == first.text_encoder and calls == ["clip", "vae", "vae"]
+    seed = emb.ensure_embedded_components(load_config("embedded", {"seed": 1}), testbed)
+    assert seed.vae != first.vae and seed.clip_checkpoint != first.clip_checkpoint and calls[3:] == ["clip", "vae"]
 
 
 def test_embedded_clip_is_clip_train_run_as_a_child_with_the_same_config(
@@ -391,8 +395,9 @@ def test_min_snr_weighting_downweights_nearly_clean_timesteps() -> None:
 
     with pytest.raises(ValueError, match="snr_gamma=0"):
         load_config("embedded", {"snr_gamma": 0})
-    cfg = load_config("embedded", {"snr_gamma": 5.0})
-    plain = load_config("embedded", {"snr_gamma": None})
+    eps = {"prediction_type": "epsilon", "beta_schedule": "linear"}  # DiT's recipe
+    cfg = load_config("embedded", {**eps, "snr_gamma": 5.0})
+    plain = load_config("embedded", {**eps, "snr_gamma": None})
     sched, acc, lat = train_scheduler(cfg), Accelerator(cpu=True), torch.zeros(64, 4, 8, 8)
     h, m = torch.zeros(64, 3, 16), torch.ones(64, 3)
 
