@@ -78,8 +78,8 @@ class T2IConfig(MixingFields):
     beta_end: float = 0.02
     prediction_type: str = "epsilon"  # epsilon (DiT) | v_prediction (Salimans & Ho 2022); the pipeline samples the same
     # Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers train_text_to_image --snr_gamma): each timestep's
-    # epsilon MSE is weighted by min(SNR, gamma) / SNR, so nearly clean steps (texture) stop dominating the
-    # gradient. null = DiT's uniform weighting (the paper's recipe); 5.0 is the paper's recommended value.
+    # MSE is weighted by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), so nearly clean steps (texture) stop
+    # dominating the gradient. null = DiT's uniform weighting (the paper's recipe); Hang et al. recommend 5.0.
     snr_gamma: float | None = None
     # --- loader, checkpoints, logging ---
     workers: int = 1

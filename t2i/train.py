@@ -297,16 +297,16 @@ def diffusion_loss(
     with accelerator.autocast():
         out = model(noisy, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask).sample
     out = out.float()
-    eps = out[:, : cfg.latent_channels]
+    pred = out[:, : cfg.latent_channels]  # epsilon or v; the rest is the learned sigma (epsilon only)
     target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
     if cfg.snr_gamma:  # as diffusers' train_text_to_image: min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v)
         snr = (a / (1 - a)).view(-1).clamp_min(1e-12)
         weight = snr.clamp(max=cfg.snr_gamma) / (snr if cfg.prediction_type == "epsilon" else snr + 1)
-        loss = (weight * (eps - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
     else:
-        loss = F.mse_loss(eps, target)
+        loss = F.mse_loss(pred, target)
     if cfg.learned_sigma:
-        loss = loss + vlb_loss(sched, latents, noisy, t, eps.detach(), out[:, cfg.latent_channels :])
+        loss = loss + vlb_loss(sched, latents, noisy, t, pred.detach(), out[:, cfg.latent_channels :])
     return loss
 
 
