@@ -322,7 +322,7 @@ def restore(ckpt_dir: Path, env: DistEnv, learner: Learner) -> tuple[TrainState,
 
 
 def save(cfg: T2IConfig, run_dir: Path, state: TrainState, totals, learner: Learner, accelerator, world: int) -> Path:
-    """Rank 0: the learner, the data position and the global counts, as ``checkpoints/step_XXXXXXXX.pt``."""
+    """Rank 0: the learner, the data position and the global counts, as ``checkpoints/step_<8-digit step>.pt``."""
     doc = {"name": run_dir.name, **state.to_dict(totals), **learner.state_dict(accelerator)}
     doc.update(world_size=world, config=cfg.to_dict())
     return save_checkpoint(run_dir / "checkpoints", doc, state.step, cfg.keep_last)
