@@ -5,14 +5,15 @@ The embedded preset's DiT, recipe and components (testbed, VAE, text tower, judg
 text states of the caption the preset's mixing rule draws for it in epoch 0 (so the caption of a sample is
 fixed for the run, as ``mix_mode: per_sample``). Only the DiT runs per step, which is what a longer schedule
 costs. At each step count in ``--steps`` the EMA weights are exported as a pipeline and scored on the
-testbed's GenEval-style prompts by the testbed judge, beside the judge's ceiling (real renderings) and
-floor (uniform noise):
+testbed's GenEval-style prompts by the testbed judge, beside the judge's ceiling (real renderings), the
+pipeline's own ceiling (the same renderings through its VAE) and floor (uniform noise):
 
     python benchmarks/t2i_steps_to_objects.py --steps 1600,4000,8000 --out runs/steps_to_objects
     python benchmarks/t2i_steps_to_objects.py --steps 2000,8000,32000 --device cuda --set p=0   # a GPU session
 
-Writes ``results.json`` and ``results.md`` in ``--out`` (one row per step count) and prints ``name=value``
-lines; the last one is the colour accuracy at the largest step count (TAGS ends with colors).
+Writes ``results.json`` and ``results.md`` in ``--out`` (one row per step count, rewritten after each) beside
+``config.json`` and ``provenance.json``, and prints ``name=value`` lines; the last one is the colour
+accuracy at the largest step count (TAGS ends with colors).
 """
 
 from __future__ import annotations
