@@ -31,36 +31,23 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from caption_mixing.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from caption_mixing.paths import check_output_dir  # noqa: E402
 from caption_mixing.pipeline import SharedEpoch, iter_batches  # noqa: E402
 from caption_mixing.provenance import write_run_metadata  # noqa: E402
 from t2i.components import load_text_encoder, load_vae  # noqa: E402
-from t2i.config import load_config  # noqa: E402
+from t2i.config import load_config, parse_overrides  # noqa: E402
 from t2i.experiment import resolve  # noqa: E402
-from t2i.model import build_transformer, train_scheduler  # noqa: E402
-from t2i.train import EMA, diffusion_loss, encode_batch, make_accelerator, training_loader, warmup_constant  # noqa: E402
+from t2i.model import train_scheduler  # noqa: E402
+from t2i.train import Learner, diffusion_loss, encode_batch, make_accelerator, training_loader  # noqa: E402
 from training.device import resolve_device  # noqa: E402
 from training.distributed import DistEnv  # noqa: E402
 
 TAGS = ("single_object", "counting", "colors")
 
 
-def parse_overrides(items: list[str]) -> dict[str, object]:
-    """``--set key=value`` pairs, values read as YAML (numbers, booleans, null), as ``python -m t2i``."""
-    import yaml
-
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected key=value")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 @torch.no_grad()
-def encode_training_set(cfg, res, text, device: str) -> dict[str, torch.Tensor]:
+def encode_training_set(cfg, res, vae, text, device: str) -> dict[str, torch.Tensor]:
     """One pass over the training shards: posterior moments of every image, text states of its caption."""
-    vae = load_vae(res.vae, device)
     loader = training_loader(cfg, res.data, SharedEpoch(0), 256, 1, None, text.tokenizer)
     moments, hidden, masks = [], [], []
     for _, batch in tqdm(iter_batches(loader), desc="encode training set", unit="batch"):
@@ -79,43 +66,26 @@ def encode_training_set(cfg, res, text, device: str) -> dict[str, torch.Tensor]:
     }
 
 
-def score(cfg, model, res, text, out: Path, judge_dir: Path) -> dict:
-    """Export the EMA model as a pipeline and score it like the sweep does (``t2i.geneval``)."""
-    from eval.judge import load_judge
-    from t2i.geneval import EMBEDDED_PER_TAG, METADATA_SEED, run_geneval_folder
+def score(cfg, model, vae, text, res, out: Path) -> dict:
+    """Export the EMA model as a pipeline and score it as the sweep does (``t2i.geneval.embedded_geneval_folder``)."""
+    from t2i.geneval import embedded_geneval_folder
     from t2i.sample import export_pipeline, load_pipeline
-    from testbed.geneval import geneval_metadata
 
     out.mkdir(parents=True, exist_ok=True)
-    export_pipeline(out / "pipeline", cfg, model.cpu(), load_vae(res.vae), text)
+    export_pipeline(out / "pipeline", cfg, model.cpu(), vae, text)
     pipe, _ = load_pipeline(out / "pipeline", resolve_device(cfg.device))
-    records = geneval_metadata(seed=METADATA_SEED, per_tag=EMBEDDED_PER_TAG)
-    return run_geneval_folder(
-        pipe,
-        records,
-        out / "geneval",
-        judge=load_judge(judge_dir),
-        judge_path=judge_dir,
-        metadata=f"testbed.geneval.geneval_metadata(seed={METADATA_SEED}, per_tag={EMBEDDED_PER_TAG})",
-        max_sequence_length=cfg.max_sequence_length,
-        seed=cfg.sample_seed,
-        steps=cfg.sample_steps,
-        guidance_scale=cfg.guidance_scale,
-    )
+    max_len = cfg.max_sequence_length
+    return embedded_geneval_folder(cfg, pipe, max_len, out / "geneval", res.testbed_root, res.holdout)[0]
 
 
-def train_and_score(cfg, data: dict, eval_steps: list[int], res, text, out: Path, judge_dir: Path) -> list[dict]:
-    """The trainer's loss, optimizer, warm-up, clip and EMA on the encoded set; a GenEval score per step count."""
+def train_and_score(cfg, data: dict, eval_steps: list[int], res, vae, text, out: Path) -> list[dict]:
+    """The trainer's learner (DiT, EMA, AdamW, warm-up), loss and clip on the encoded set; a GenEval score per
+    step count."""
     device = resolve_device(cfg.device)
     accelerator = make_accelerator(cfg, DistEnv(device=device))
-    vae = load_vae(res.vae, device)  # its scaling factor, for the trainer's latent sampling
     torch.manual_seed(cfg.seed)
-    model = build_transformer(cfg, data["hidden"].shape[-1]).to(device)
-    ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
-    )
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_constant(s, cfg.warmup_steps))
+    learner = Learner.build(cfg, data["hidden"].shape[-1], device)
+    model, ema, opt, lr_sched = learner.model, learner.ema, learner.optimizer, learner.lr_sched
     noise_sched = train_scheduler(cfg)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     n, rows, train_s = len(data["moments"]), [], 0.0
@@ -136,7 +106,7 @@ def train_and_score(cfg, data: dict, eval_steps: list[int], res, text, out: Path
         train_s += time.perf_counter() - t0
         if step in eval_steps:
             snapshot = ema.copy_to(copy.deepcopy(model)).eval()
-            doc = score(cfg, snapshot, res, text, out / f"step_{step:06d}", judge_dir)
+            doc = score(cfg, snapshot, vae, text, res, out / f"step_{step:06d}")
             rows.append({"steps": step, "train_seconds": round(train_s, 1), "loss": loss.item(), **summary_of(doc)})
             write_results(out, cfg, rows)  # after every step count, so a stopped run keeps what it measured
             print(json.dumps(rows[-1]), flush=True)
@@ -182,23 +152,25 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--steps {args.steps!r}: expected a comma list of integers")
     if eval_steps[0] < 1:
         ap.error("--steps: step counts must be >= 1")
-    overrides = parse_overrides(args.set)
-    if args.device:
-        overrides["device"] = args.device
-    cfg = load_config("embedded", overrides)
+    try:
+        check_output_dir(args.out, "--out")
+        overrides = parse_overrides(args.set)
+        if args.device:
+            overrides["device"] = args.device
+        cfg = load_config("embedded", overrides)
+    except ValueError as e:
+        ap.error(str(e))
     res = resolve(cfg)
-    from t2i.geneval import ensure_embedded_judge
-
-    judge_dir = ensure_embedded_judge(Path(res.testbed_root).parent, cfg.resolution, real_shards=list(res.holdout))
     device = resolve_device(cfg.device)
+    vae = load_vae(res.vae, device)
     text = load_text_encoder(res.text_encoder, cfg.max_sequence_length, device)
     t0 = time.perf_counter()
-    data = encode_training_set(cfg, res, text, device)
+    data = encode_training_set(cfg, res, vae, text, device)
     print(f"encoded {len(data['moments'])} training samples in {time.perf_counter() - t0:.0f} s", flush=True)
-    text.model.cpu()
+    vae.cpu(), text.model.cpu()  # the exported pipelines are built on the CPU, then loaded on the device
     args.out.mkdir(parents=True, exist_ok=True)
     write_run_metadata(args.out, cfg.to_dict(), cfg.seed)
-    rows = train_and_score(cfg, data, eval_steps, res, text, args.out, judge_dir)
+    rows = train_and_score(cfg, data, eval_steps, res, vae, text, args.out)
     for r in rows:
         for tag in TAGS:
             print(f"{tag}_pct_at_{r['steps']}={r['generated'][tag]}")

@@ -133,21 +133,19 @@ def judge_holdout(judge, items: list[dict], images: dict[str, list[Image.Image]]
     return {"original": hits["alt"] / len(known), "synthetic": hits["synthetic"] / len(known), "n": len(known)}
 
 
-def embedded_geneval(
-    cfg, pipe, max_len: int, run_dir: Path, testbed_root: Path, holdout: list[str], items: list[dict], images
-) -> dict:
-    """``metrics["geneval"]`` of an embedded run: the testbed's GenEval-style prompts, the cached judge,
-    scores without verdicts, the judge's ceiling and floor, and the held-out scene match."""
+def embedded_geneval_folder(cfg, pipe, max_len: int, out: Path, testbed_root: Path, holdout: list[str]):
+    """The embedded sweep's GenEval-style folder for one pipeline: the testbed's prompts (``EMBEDDED_PER_TAG`` per
+    category), generated with the config's sampler settings and scored by the cached testbed judge.
+
+    Returns (``geneval.json``'s document, the judge, its folder)."""
     from eval.judge import load_judge
     from testbed.geneval import geneval_metadata
 
     judge_dir = ensure_embedded_judge(Path(testbed_root).parent, cfg.resolution, real_shards=list(holdout))
     judge = load_judge(judge_dir)
-    records = geneval_metadata(seed=METADATA_SEED, per_tag=EMBEDDED_PER_TAG)
-    out = run_dir / "geneval"
     doc = run_geneval_folder(
         pipe,
-        records,
+        geneval_metadata(seed=METADATA_SEED, per_tag=EMBEDDED_PER_TAG),
         out,
         judge=judge,
         judge_path=judge_dir,
@@ -158,6 +156,16 @@ def embedded_geneval(
         steps=cfg.sample_steps,
         guidance_scale=cfg.guidance_scale,
     )
+    return doc, judge, judge_dir
+
+
+def embedded_geneval(
+    cfg, pipe, max_len: int, run_dir: Path, testbed_root: Path, holdout: list[str], items: list[dict], images
+) -> dict:
+    """``metrics["geneval"]`` of an embedded run: the testbed's GenEval-style prompts, the cached judge,
+    scores without verdicts, the judge's ceiling and floor, and the held-out scene match."""
+    out = run_dir / "geneval"
+    doc, judge, judge_dir = embedded_geneval_folder(cfg, pipe, max_len, out, testbed_root, holdout)
     summary = _summary(doc["scores"])
     summary.update(
         judge=doc["judge_reference"],
