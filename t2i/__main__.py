@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(args, parser)
+    except (ValueError, FileNotFoundError) as e:  # bad input (a flag, file or key): say so, no traceback
+        print(f"python -m t2i {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "precompute":
         from t2i.precompute import precompute
 

@@ -133,6 +133,14 @@ def load_config(preset: str = EMBEDDED, overrides: dict[str, Any] | None = None)
     return cfg
 
 
+def check_sample_steps(steps: int, name: str = "sample_steps") -> int:
+    """PixArt's pipeline reads a one-step call as a distilled (DMD) model's and indexes a second output that
+    DPM-Solver does not return (IndexError after the model has run), so sampling needs at least 2 steps."""
+    if steps < 2:
+        raise ValueError(f"{name}={steps}: sampling needs at least 2 DPM-Solver steps")
+    return steps
+
+
 def validate(cfg: T2IConfig) -> None:
     """Fail at config time, naming the key, rather than deep inside diffusers."""
     validate_mixing(cfg)
@@ -151,6 +159,7 @@ def validate(cfg: T2IConfig) -> None:
         raise ValueError("learned_sigma=true needs prediction_type=epsilon (the VLB term is written for epsilon)")
     if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
         raise ValueError(f"snr_gamma={cfg.snr_gamma} must be > 0 (or null for uniform weighting)")
+    check_sample_steps(cfg.sample_steps)
     if cfg.hidden_size % cfg.num_heads:
         raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
     if cfg.latent_size % cfg.patch_size:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any
 
 from PIL import Image
 
-from caption_mixing.atomic import atomic_write_json, atomic_write_text, build_folder_once
+from caption_mixing.atomic import atomic_write_json, atomic_write_text, build_folder_once, temp_target
+from caption_mixing.paths import check_output_dir
 
 IMAGES_PER_PROMPT = 4  # GenEval's default (its generation scripts' --n_samples)
 METADATA_SEED = 0  # testbed GenEval-style prompts of the embedded sweep: the same for every p and seed
@@ -178,6 +180,26 @@ def embedded_geneval(
     return summary
 
 
+_INDEX_FOLDER = re.compile(r"\d{5,}")
+
+
+def check_geneval_out(out: Path, flag: str) -> Path:
+    """``out`` if it is new, empty or an earlier GenEval output (which a new run replaces whole); anything else
+    in it is an error naming ``flag``, so pointing ``--out`` at a folder of other files never deletes them."""
+    out = check_output_dir(out, f"--{flag}")
+    if not out.is_dir():
+        return out
+    for entry in out.iterdir():
+        ours = entry.name == RESULT or temp_target(entry.name) == RESULT
+        ours = ours or (entry.is_dir() and _INDEX_FOLDER.fullmatch(entry.name) is not None)
+        if not ours:
+            raise ValueError(
+                f"--{flag} {out}: holds {entry.name!r}, which is not part of a GenEval output folder "
+                f"(<index>/ folders and {RESULT}); a GenEval run replaces its folder whole, so pass a new or empty one"
+            )
+    return out
+
+
 def run_geneval_folder(
     pipe,
     records: list[dict],
@@ -195,7 +217,7 @@ def run_geneval_folder(
     """Generate into ``out`` (GenEval layout), score when a judge is given, write ``out/geneval.json``."""
     from t2i.sample import vae_roundtrip
 
-    out = Path(out)
+    out = check_geneval_out(out, "out")
     if out.exists():  # a stale folder from another run would mix into the official scorer's input
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -241,13 +263,21 @@ def geneval_command(
     used (trained on first use). With a GenEval metadata file and no judge, only images are written: run
     the official scorer on them (``official_scorer`` in the result)."""
     from eval.geneval import read_metadata
+    from t2i.config import check_sample_steps
     from t2i.sample import load_pipeline
     from training.device import resolve_device
 
+    for flag, value in (("--images-per-prompt", images_per_prompt), ("--per-tag", per_tag)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be >= 1")
+    if steps is not None:
+        check_sample_steps(steps, "--steps")
+    check_geneval_out(Path(out), "out")  # before the slow part, and before anything is written
+    records = read_metadata(Path(metadata)) if metadata is not None else None
     pipe, meta = load_pipeline(Path(pipeline), resolve_device(device), allow_pickle=allow_pickle)
     max_len = int(meta.get("max_sequence_length", pipe.tokenizer.model_max_length))
-    if metadata is not None:
-        records, source = read_metadata(Path(metadata)), str(metadata)
+    if records is not None:
+        source = str(metadata)
     else:
         from testbed.geneval import geneval_metadata
 

@@ -21,6 +21,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from caption_mixing.atomic import atomic_write, atomic_write_json
+from caption_mixing.paths import check_output_dir
 from caption_mixing.pipeline import DataErrors, decode_images, decode_text, read_shards
 from caption_mixing.shards import expand_shards
 from t2i.components import load_vae
@@ -96,7 +97,7 @@ def precompute(
     folders = {str(Path(u).parent) for u in urls}
     if sidecar_dir is None and len(folders) > 1:
         raise ValueError(f"--shards spans several folders {sorted(folders)}: pass --sidecar-dir")
-    out = Path(out)
+    out = check_output_dir(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     vae = load_vae(vae_path, device, allow_pickle)
     total, shape, errors = 0, None, DataErrors()

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from caption_mixing.atomic import atomic_write_json
+from caption_mixing.paths import check_output_dir
 from t2i.components import TextEncoder
-from t2i.config import T2IConfig
+from t2i.config import T2IConfig, check_sample_steps
 from t2i.model import sample_scheduler
 from training.device import resolve_device
 
@@ -112,6 +113,7 @@ def generate(
     resolution: int | None = None,
 ) -> list[Image.Image]:
     """One image per prompt; prompt i always gets seed + i, so results do not depend on batching."""
+    check_sample_steps(steps, "steps")
     size = resolution or pipe.transformer.config.sample_size * pipe.vae_scale_factor
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
@@ -189,6 +191,8 @@ def sample_to_folder(
     allow_pickle: bool = False,
 ) -> list[Path]:
     """The ``sample`` command: PNGs ``{i:05d}.png`` + ``prompts.jsonl`` + ``grid.png`` in ``out``."""
+    out = check_output_dir(out, "--out")  # before the slow part
+    check_sample_steps(steps, "--steps")
     device = resolve_device(device)
     prompts = read_prompts(prompts_file)
     pipe, meta = load_pipeline(pipeline, device, allow_pickle=allow_pickle)
@@ -197,7 +201,6 @@ def sample_to_folder(
     if n_trunc:
         print(f"{n_trunc} of {len(prompts)} prompts are longer than {max_len} tokens and were truncated")
     images = generate(pipe, prompts, max_sequence_length=max_len, steps=steps, guidance_scale=guidance_scale, seed=seed)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     lines = []

@@ -236,6 +236,18 @@ def test_geneval_command_writes_genevals_layout_scores_and_repeats_seeds(
     with Image.open(sample_path(out, 2, 1)) as saved:
         assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(alone[0]))
 
+    # --out: an earlier GenEval output is replaced whole; a folder holding anything else is refused, untouched.
+    from t2i.geneval import check_geneval_out
+
+    assert check_geneval_out(out, "out") == out
+    (out / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main([*argv, "--images-per-prompt", "1", "--per-tag", "1", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "'notes.txt'" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "notes.txt").unlink()
+
     # Real-data path: a GenEval metadata file, no judge -> images only, and the official scorer's command.
     write_metadata(records[:1], tmp_path / "evaluation_metadata.jsonl")
     argv = ["geneval", "--pipeline", str(tiny["pipeline"]), "--out", str(tmp_path / "real"), "--steps", "2"]
@@ -319,3 +331,39 @@ def test_held_out_images_are_read_by_the_judge_against_the_scenes_truth(tmp_path
     rows = [json.loads(line) for line in (tmp_path / "judge.jsonl").read_text().splitlines()]
     assert rows[1]["alt"]["match"] == {"category": False, "color": True, "count": True}
     assert "match" not in rows[2]["synthetic"] and rows[2]["truth"] is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["geneval", "--pipeline", "{tmp}/none", "--out", "{tmp}/g"], "--pipeline"),
+        (
+            ["geneval", "--pipeline", "{tmp}/none", "--out", "{tmp}/g", "--images-per-prompt", "0"],
+            "--images-per-prompt",
+        ),
+        (["geneval", "--pipeline", "{tmp}/none", "--out", "{tmp}/g", "--metadata", "{tmp}/none.jsonl"], "none.jsonl"),
+        (["geneval", "--pipeline", "{tmp}/none", "--out", "{tmp}/file/sub"], "--out"),
+        (["geneval", "--pipeline", "{tmp}/none", "--out", "{tmp}/g", "--steps", "1"], "--steps"),
+        (
+            ["sample", "--pipeline", "{tmp}/none", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/s", "--steps", "1"],
+            "--steps",
+        ),
+        (["sample", "--pipeline", "{tmp}/none", "--prompts", "{tmp}/none.txt", "--out", "{tmp}/s"], "--prompts"),
+        (["sample", "--pipeline", "{tmp}/none", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/file"], "--out"),
+        (["precompute", "--shards", "{tmp}/p.txt", "--vae", "{tmp}/none", "--out", "{tmp}/file"], "--out"),
+    ],
+)
+def test_t2i_cli_bad_input_is_one_error_line_naming_it(
+    argv: list[str], names: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Bad input to the t2i commands is ``python -m t2i CMD: error: ...`` naming the flag or file, exit 2, no
+    traceback, and nothing written."""
+    from t2i.__main__ import main
+
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m t2i {argv[0]}: error: ") and names in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

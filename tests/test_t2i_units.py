@@ -54,6 +54,8 @@ def test_bad_config_keys_and_values_name_the_culprit() -> None:
         load_config("embedded", {"p": 1.5})
     with pytest.raises(ValueError, match="logger="):
         load_config("embedded", {"logger": "tensorbored"})
+    with pytest.raises(ValueError, match="sample_steps=1: sampling needs at least 2"):  # PixArt's 1-step is DMD's
+        load_config("embedded", {"sample_steps": 1})
     assert load_config("embedded", {"captions": "alt=0.6,altogether=0.3,scratch=0.1"}).p == pytest.approx(0.4)
 
 
