@@ -273,21 +273,20 @@ def geneval_command(
     if steps is not None:
         check_sample_steps(steps, "--steps")
     check_geneval_out(Path(out), "out")  # before the slow part, and before anything is written
-    records = read_metadata(Path(metadata)) if metadata is not None else None
-    pipe, meta = load_pipeline(Path(pipeline), resolve_device(device), allow_pickle=allow_pickle)
-    max_len = int(meta.get("max_sequence_length", pipe.tokenizer.model_max_length))
-    if records is not None:
-        source = str(metadata)
+    if metadata is not None:  # the prompts first: a bad file fails before the pipeline loads
+        records, source = read_metadata(Path(metadata)), str(metadata)
     else:
         from testbed.geneval import geneval_metadata
 
         records = geneval_metadata(seed=METADATA_SEED, per_tag=per_tag)  # the sweep's prompts when per_tag matches
         source = f"testbed.geneval.geneval_metadata(seed={METADATA_SEED}, per_tag={per_tag})"
-        if judge is None:
-            from testbed.cache import default_testbed_root
+    pipe, meta = load_pipeline(Path(pipeline), resolve_device(device), allow_pickle=allow_pickle)
+    max_len = int(meta.get("max_sequence_length", pipe.tokenizer.model_max_length))
+    if metadata is None and judge is None:  # testbed prompts: the cached testbed judge at the pipeline's resolution
+        from testbed.cache import default_testbed_root
 
-            resolution = int(meta.get("resolution") or pipe.transformer.config.sample_size * pipe.vae_scale_factor)
-            judge = ensure_embedded_judge(default_testbed_root().parent, resolution)
+        resolution = int(meta.get("resolution") or pipe.transformer.config.sample_size * pipe.vae_scale_factor)
+        judge = ensure_embedded_judge(default_testbed_root().parent, resolution)
     loaded = None
     if judge is not None:
         from eval.judge import load_judge
