@@ -21,6 +21,9 @@
 #   memory      benchmarks/memory_plan.py --measure-cuda: the plan beside the measured peak of real steps
 #   t2i_point   (c) python -m t2i run: embedded t2i point on CUDA end to end (bf16, 20 steps, eval; it first
 #               builds the embedded VAE and text CLIP, the slowest step, hence last among the rows above)
+#   t2i_square  benchmarks/t2i_one_square.py on CUDA: can the embedded DiT recipe draw one flat square of the
+#               prompted colour (pixel space, exact judge) at 2k, 8k and 32k steps (issue 17: on 2 CPU cores
+#               one object in 6-7% of its samples at 1600 steps, 59% at 4800; a clean square in 0-6%)
 #   t2i_objects benchmarks/t2i_steps_to_objects.py on CUDA: GenEval-style accuracy of the embedded T2I at 2k,
 #               8k and 32k DiT steps (issue 17: on 2 CPU cores 8k steps stay at the judge's floor); builds the
 #               preset's full components first, so it rarely fits the default budget: --only t2i_objects
@@ -68,6 +71,7 @@ STEPS=(
   "eval|70|$PY benchmarks/eval_crosscheck.py --device cuda --tasks concept,retrieval --num-workers 4 --work-dir $OUT_DIR/eval_crosscheck \$(ls $POINTS/clip-embedded-p0.15/checkpoints/step_*.pt 2>/dev/null | tail -n 1 | sed 's/^/--checkpoint /')"
   "memory|100|$PY benchmarks/memory_plan.py --presets clip:vit-b-32,t2i:dit-xl-2 --measure-cuda"
   "t2i_point|150|rm -rf $POINTS/t2i-* && $PY -m t2i run --set device=cuda --set precision=bf16 --set max_steps=20 --set checkpoint_every=20 --set log_every=5 --set embedded_vae_steps=30 --set embedded_clip_samples=1280 --set eval_prompts=8 --set grid_prompts=4 --set sample_steps=5 --out $POINTS && $PY benchmarks/point_figures.py $POINTS/t2i-embedded-p1"
+  "t2i_square|300|$PY benchmarks/t2i_one_square.py --device cuda --steps 2000,8000,32000 --out $OUT_DIR/one_square"
   "t2i_objects|420|$PY benchmarks/t2i_steps_to_objects.py --device cuda --steps 2000,8000,32000 --out $OUT_DIR/steps_to_objects"
 )
 
@@ -88,7 +92,8 @@ pkgs = {"torch": "torch", "torchvision": "torchvision", "open_clip": "open_clip_
         "accelerate": "accelerate", "transformers": "transformers", "clip_benchmark": "clip-benchmark",
         "safetensors": "safetensors", "tensorboard": "tensorboard", "yaml": "pyyaml", "braceexpand": "braceexpand",
         "sklearn": "scikit-learn", "PIL": "pillow", "numpy": "numpy", "pyarrow": "pyarrow",
-        "torchmetrics": "torchmetrics", "tqdm": "tqdm", "submitit": "submitit", "matplotlib": "matplotlib"}
+        "torchmetrics": "torchmetrics", "tqdm": "tqdm", "submitit": "submitit", "matplotlib": "matplotlib",
+        "scipy": "scipy"}
 project = ["caption_mixing", "testbed", "training", "clip_train", "t2i", "eval", "experiments"]
 missing, broken = [], []
 for mod in [*pkgs, *project]:

@@ -78,25 +78,22 @@ def score(cfg, model, vae, text, res, out: Path) -> dict:
     return embedded_geneval_folder(cfg, pipe, max_len, out / "geneval", res.testbed_root, res.holdout)[0]
 
 
-def train_and_score(cfg, data: dict, eval_steps: list[int], res, vae, text, out: Path) -> list[dict]:
-    """The trainer's learner (DiT, EMA, AdamW, warm-up), loss and clip on the encoded set; a GenEval score per
-    step count."""
+def train_steps(cfg, caption_channels: int, eval_steps: list[int], next_batch, evaluate, save) -> list[dict]:
+    """The trainer's learner (DiT, EMA, AdamW, warm-up), loss and clip, fed by ``next_batch(gen) -> (latents,
+    hidden, mask)``. At each of ``eval_steps``: ``evaluate(step, ema_model)`` gives a row (train seconds and loss
+    are added), then ``save(rows)``, so that a stopped run keeps what it measured."""
     device = resolve_device(cfg.device)
     accelerator = make_accelerator(cfg, DistEnv(device=device))
     torch.manual_seed(cfg.seed)
-    learner = Learner.build(cfg, data["hidden"].shape[-1], device)
+    learner = Learner.build(cfg, caption_channels, device)
     model, ema, opt, lr_sched = learner.model, learner.ema, learner.optimizer, learner.lr_sched
     noise_sched = train_scheduler(cfg)
     gen = torch.Generator(device).manual_seed(cfg.seed)
-    n, rows, train_s = len(data["moments"]), [], 0.0
+    rows, train_s = [], 0.0
     for step in tqdm(range(1, max(eval_steps) + 1), desc="DiT", unit="step"):
         t0 = time.perf_counter()
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen, device=device).cpu()
-        hidden, mask = data["hidden"][idx].float(), data["mask"][idx].clone()
-        drop = torch.rand(cfg.batch_size) < cfg.caption_dropout
-        hidden[drop], mask[drop] = data["empty_hidden"].float(), data["empty_mask"]
-        latents = encode_batch({"x": data["moments"][idx]}, vae, cfg, True, gen, device)
-        loss = diffusion_loss(model, accelerator, cfg, noise_sched, latents, hidden.to(device), mask.to(device), gen)
+        latents, hidden, mask = next_batch(gen)
+        loss = diffusion_loss(model, accelerator, cfg, noise_sched, latents, hidden, mask, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -106,11 +103,34 @@ def train_and_score(cfg, data: dict, eval_steps: list[int], res, vae, text, out:
         train_s += time.perf_counter() - t0
         if step in eval_steps:
             snapshot = ema.copy_to(copy.deepcopy(model)).eval()
-            doc = score(cfg, snapshot, vae, text, res, out / f"step_{step:06d}")
-            rows.append({"steps": step, "train_seconds": round(train_s, 1), "loss": loss.item(), **summary_of(doc)})
-            write_results(out, cfg, rows)  # after every step count, so a stopped run keeps what it measured
+            row = {"steps": step, "train_seconds": round(train_s, 1), "loss": loss.item()}
+            rows.append({**row, **evaluate(step, snapshot)})
+            save(rows)
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def train_and_score(cfg, data: dict, eval_steps: list[int], res, vae, text, out: Path) -> list[dict]:
+    """``train_steps`` on the encoded set (caption dropout to the empty prompt, for guidance); a GenEval score per
+    step count."""
+    device = resolve_device(cfg.device)
+    n = len(data["moments"])
+
+    def next_batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen, device=device).cpu()
+        hidden, mask = data["hidden"][idx].float(), data["mask"][idx].clone()
+        drop = torch.rand(cfg.batch_size) < cfg.caption_dropout
+        hidden[drop], mask[drop] = data["empty_hidden"].float(), data["empty_mask"]
+        latents = encode_batch({"x": data["moments"][idx]}, vae, cfg, True, gen, device)
+        return latents, hidden.to(device), mask.to(device)
+
+    def evaluate(step: int, model: torch.nn.Module) -> dict:
+        return summary_of(score(cfg, model, vae, text, res, out / f"step_{step:06d}"))
+
+    def save(rows: list[dict]) -> None:
+        write_results(out, cfg, rows)
+
+    return train_steps(cfg, data["hidden"].shape[-1], eval_steps, next_batch, evaluate, save)
 
 
 def write_results(out: Path, cfg, rows: list[dict]) -> None:
@@ -139,10 +159,12 @@ def markdown(rows: list[dict], cfg) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", default="1600,4000,8000", help="comma list of DiT step counts to score at")
-    ap.add_argument("--out", type=Path, default=Path("runs/steps_to_objects"))
+def parse_args(argv: list[str] | None, doc: str, steps: str, out: str) -> tuple[argparse.Namespace, list[int], object]:
+    """The flags both DiT-probe benchmarks take; returns (args, sorted step counts, the embedded preset with the
+    overrides). Bad flags exit with a usage error naming the flag, before anything is written."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", default=steps, help="comma list of DiT step counts to score at")
+    ap.add_argument("--out", type=Path, default=Path(out))
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the preset's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="embedded preset override")
     args = ap.parse_args(argv)
@@ -160,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config("embedded", overrides)
     except ValueError as e:
         ap.error(str(e))
+    return args, eval_steps, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, eval_steps, cfg = parse_args(argv, __doc__, "1600,4000,8000", "runs/steps_to_objects")
     res = resolve(cfg)
     device = resolve_device(cfg.device)
     vae = load_vae(res.vae, device)

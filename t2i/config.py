@@ -24,7 +24,7 @@ __all__ = ["EMBEDDED", "T2IConfig", "list_presets", "load_config", "parse_overri
 PRESET_DIR = Path(__file__).parent / "presets"
 EMBEDDED = "embedded"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # diffusers DDPMScheduler names
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass
@@ -76,10 +76,13 @@ class T2IConfig(MixingFields):
     beta_schedule: str = "linear"  # linear (DiT) | squaredcos_cap_v2 (improved DDPM's cosine; keeps signal at 32 px)
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02
-    prediction_type: str = "epsilon"  # epsilon (DiT) | v_prediction (Salimans & Ho 2022); the pipeline samples the same
+    # epsilon (DiT) | v_prediction (Salimans & Ho 2022) | sample (x0; Li & He 2025 "Back to Basics": still trains when
+    # a patch holds more values than the DiT's width, where epsilon and v cannot); the pipeline samples the same
+    prediction_type: str = "epsilon"
     # Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers train_text_to_image --snr_gamma): each timestep's
-    # MSE is weighted by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), so nearly clean steps (texture) stop
-    # dominating the gradient. null = DiT's uniform weighting (the paper's recipe); Hang et al. recommend 5.0.
+    # MSE is weighted by min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v) or / 1 (x0), so nearly clean steps
+    # (texture) stop dominating the gradient. null = DiT's uniform weighting (the paper's recipe); Hang et al.
+    # recommend 5.0.
     snr_gamma: float | None = None
     # --- loader, checkpoints, logging ---
     workers: int = 1

@@ -288,8 +288,8 @@ def diffusion_loss(
     mask: torch.Tensor,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """Noise the latents at random timesteps; MSE against epsilon or v (min-SNR-gamma weighted when ``snr_gamma``
-    is set), plus the VLB term when sigma is learned."""
+    """Noise the latents at random timesteps; MSE against epsilon, v or x0 (``prediction_type``; min-SNR-gamma
+    weighted when ``snr_gamma`` is set), plus the VLB term when sigma is learned."""
     noise = torch.randn(latents.shape, generator=gen, device=latents.device)
     t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen, device=latents.device)
     a = sched.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
@@ -297,11 +297,13 @@ def diffusion_loss(
     with accelerator.autocast():
         out = model(noisy, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask).sample
     out = out.float()
-    pred = out[:, : cfg.latent_channels]  # epsilon or v; the rest is the learned sigma (epsilon only)
-    target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
-    if cfg.snr_gamma:  # as diffusers' train_text_to_image: min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v)
+    pred = out[:, : cfg.latent_channels]  # epsilon, v or x0; the rest is the learned sigma (epsilon only)
+    targets = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * latents, "sample": latents}
+    target = targets[cfg.prediction_type]
+    if cfg.snr_gamma:  # as diffusers' train_text_to_image: min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v), / 1 (x0)
         snr = (a / (1 - a)).view(-1).clamp_min(1e-12)
-        weight = snr.clamp(max=cfg.snr_gamma) / (snr if cfg.prediction_type == "epsilon" else snr + 1)
+        per_type = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}
+        weight = snr.clamp(max=cfg.snr_gamma) / per_type[cfg.prediction_type]
         loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
     else:
         loss = F.mse_loss(pred, target)
