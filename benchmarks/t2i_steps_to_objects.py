@@ -35,7 +35,7 @@ from caption_mixing.paths import check_output_dir  # noqa: E402
 from caption_mixing.pipeline import SharedEpoch, iter_batches  # noqa: E402
 from caption_mixing.provenance import write_run_metadata  # noqa: E402
 from t2i.components import load_text_encoder, load_vae  # noqa: E402
-from t2i.config import load_config, parse_overrides  # noqa: E402
+from t2i.config import T2IConfig, load_config, parse_overrides  # noqa: E402
 from t2i.experiment import resolve  # noqa: E402
 from t2i.model import train_scheduler  # noqa: E402
 from t2i.train import Learner, diffusion_loss, encode_batch, make_accelerator, training_loader  # noqa: E402
@@ -159,7 +159,9 @@ def markdown(rows: list[dict], cfg) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str] | None, doc: str, steps: str, out: str) -> tuple[argparse.Namespace, list[int], object]:
+def parse_args(
+    argv: list[str] | None, doc: str, steps: str, out: str
+) -> tuple[argparse.Namespace, list[int], T2IConfig]:
     """The flags both DiT-probe benchmarks take; returns (args, sorted step counts, the embedded preset with the
     overrides). Bad flags exit with a usage error naming the flag, before anything is written."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
