@@ -152,6 +152,13 @@ def markdown(rows: list[dict], cfg, reference: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, eval_steps, cfg = parse_args(argv, __doc__, "1600,4800", "runs/one_square")
+    fixed = sorted({kv.split("=", 1)[0] for kv in args.set} & {"latent_channels", "latent_size", "resolution"})
+    if fixed:  # would be overridden below: say so rather than ignore the flag
+        print(
+            f"t2i_one_square.py: error: --set {fixed[0]}: fixed by the probe (3-channel pixels, {SIZE} px)",
+            file=sys.stderr,
+        )
+        return 2
     # Pixels stand in for latents: 3 channels at the image size.
     cfg = dataclasses.replace(cfg, latent_channels=3, latent_size=SIZE, resolution=SIZE)
     device = resolve_device(cfg.device)

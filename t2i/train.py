@@ -298,12 +298,17 @@ def diffusion_loss(
         out = model(noisy, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask).sample
     out = out.float()
     pred = out[:, : cfg.latent_channels]  # epsilon, v or x0; the rest is the learned sigma (epsilon only)
-    targets = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * latents, "sample": latents}
-    target = targets[cfg.prediction_type]
+    if cfg.prediction_type == "epsilon":
+        target = noise
+    elif cfg.prediction_type == "v_prediction":
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents
+    else:  # "sample": x0
+        target = latents
     if cfg.snr_gamma:  # as diffusers' train_text_to_image: min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v), / 1 (x0)
         snr = (a / (1 - a)).view(-1).clamp_min(1e-12)
-        per_type = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}
-        weight = snr.clamp(max=cfg.snr_gamma) / per_type[cfg.prediction_type]
+        weight = snr.clamp(max=cfg.snr_gamma)
+        if cfg.prediction_type != "sample":
+            weight = weight / (snr if cfg.prediction_type == "epsilon" else snr + 1)
         loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
     else:
         loss = F.mse_loss(pred, target)
