@@ -84,6 +84,10 @@ class T2IConfig(MixingFields):
     # (texture) stop dominating the gradient. null = DiT's uniform weighting (the paper's recipe); Hang et al.
     # recommend 5.0.
     snr_gamma: float | None = None
+    # Timesteps are drawn with density proportional to t^(k-1) (t = T * u^(1/k), u uniform): 1 = uniform (DiT); 2
+    # draws the noisy steps, where a small model decides layout and colour, more often (one-square probe:
+    # benchmarks/RESULTS.md).
+    timestep_power: float = 1.0
     # --- loader, checkpoints, logging ---
     workers: int = 1
     shuffle_buffer: int = 1000
@@ -162,6 +166,8 @@ def validate(cfg: T2IConfig) -> None:
         raise ValueError("learned_sigma=true needs prediction_type=epsilon (the VLB term is written for epsilon)")
     if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
         raise ValueError(f"snr_gamma={cfg.snr_gamma} must be > 0 (or null for uniform weighting)")
+    if not cfg.timestep_power > 0:
+        raise ValueError(f"timestep_power={cfg.timestep_power} must be > 0 (1 = uniform timesteps)")
     check_sample_steps(cfg.sample_steps)
     if cfg.hidden_size % cfg.num_heads:
         raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")

@@ -278,6 +278,16 @@ def dropped_captions(batch: dict, cfg: T2IConfig, epoch: int) -> list[str]:
     ]
 
 
+def sample_timesteps(cfg: T2IConfig, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``n`` training timesteps: uniform (DiT) at ``timestep_power`` 1, else with density proportional to
+    t^(k-1), so that k > 1 trains the noisy steps, where the layout is decided, more often."""
+    steps = cfg.num_train_timesteps
+    if cfg.timestep_power == 1:
+        return torch.randint(0, steps, (n,), generator=gen, device=device)
+    u = torch.rand(n, generator=gen, device=device)
+    return (steps * u.pow(1 / cfg.timestep_power)).long().clamp(max=steps - 1)
+
+
 def diffusion_loss(
     model: torch.nn.Module,
     accelerator: Accelerator,
@@ -291,7 +301,7 @@ def diffusion_loss(
     """Noise the latents at random timesteps; MSE against epsilon, v or x0 (``prediction_type``; min-SNR-gamma
     weighted when ``snr_gamma`` is set), plus the VLB term when sigma is learned."""
     noise = torch.randn(latents.shape, generator=gen, device=latents.device)
-    t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen, device=latents.device)
+    t = sample_timesteps(cfg, latents.shape[0], gen, latents.device)
     a = sched.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     with accelerator.autocast():

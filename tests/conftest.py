@@ -130,10 +130,11 @@ def tiny_t2i_world(root: Path) -> dict:
 def t2i_equivalence_overrides(world: dict, shard_dir: Path) -> dict:
     """A 2-step run on 4 shards of 4 samples without shuffling: 2 ranks x 4 and 1 process x 2
     micro-batches of 4 then see the same micro-batches; eps=1e-3 keeps float noise in near-zero
-    gradients from flipping Adam's first ~sign(g) step."""
+    gradients from flipping Adam's first ~sign(g) step. lr 1e-2: the DiT starts with a zero output layer
+    (PixArt's init), so step 1 moves only that layer and step 2 must be large enough to move most others."""
     pattern, _ = make_shards(shard_dir, n_shards=4, per_shard=4)
     common = {**world["overrides"], "train_shards": pattern, "dataset_size": 16, "max_steps": 2}
-    common.update(checkpoint_every=2, shuffle_buffer=0, p=0.5, lr=1e-3, eps=1e-3, eval_prompts=2, grid_prompts=1)
+    common.update(checkpoint_every=2, shuffle_buffer=0, p=0.5, lr=1e-2, eps=1e-3, eval_prompts=2, grid_prompts=1)
     return common
 
 

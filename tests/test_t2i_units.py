@@ -501,3 +501,37 @@ def test_x0_prediction_loss_and_sampler() -> None:
     for step in v_sampler.timesteps:
         y = v_sampler.step(oracle(y).sample, step, y).prev_sample
     assert not torch.allclose(y, target, atol=1e-1)  # the same answers read as v land elsewhere
+
+
+def test_timestep_power_draws_noisy_steps_more_often_and_one_stays_uniform() -> None:
+    """timestep_power 1 is DiT's uniform draw (same numbers as torch.randint, so recorded runs reproduce); k = 2
+    has density proportional to t (mean 2T/3, three quarters of the draws above T/2); 0 is refused."""
+    from t2i.train import sample_timesteps
+
+    uniform, ramp = load_config("embedded"), load_config("embedded", {"timestep_power": 2.0})
+    assert uniform.timestep_power == 1.0
+    t1 = sample_timesteps(uniform, 4096, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(t1, torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(0)))
+    t2 = sample_timesteps(ramp, 20000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert t2.dtype == torch.long and int(t2.min()) >= 0 and int(t2.max()) <= 999
+    assert t2.float().mean().item() == pytest.approx(2 / 3 * 1000, abs=10)
+    assert (t2 >= 500).float().mean().item() == pytest.approx(0.75, abs=0.02)
+    with pytest.raises(ValueError, match="timestep_power"):
+        load_config("embedded", {"timestep_power": 0})
+
+
+def test_dit_starts_from_pixart_initialisation() -> None:
+    """PixArt-alpha's initialize_weights: zero output layer and cross-attention outputs (the untrained model
+    predicts 0 whatever the prompt), zero linear biases, N(0, 0.02) adaLN-single projection."""
+    from t2i.model import build_transformer
+
+    cfg = load_config("embedded")
+    torch.manual_seed(0)
+    model = build_transformer(cfg, 16)
+    assert not model.proj_out.weight.any() and not model.proj_out.bias.any()
+    assert all(not block.attn2.to_out[0].weight.any() for block in model.transformer_blocks)
+    assert not model.transformer_blocks[0].attn1.to_q.bias.any()
+    assert model.adaln_single.linear.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    x = torch.randn(2, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    out = model(x, encoder_hidden_states=torch.randn(2, 3, 16), timestep=torch.tensor([10, 900])).sample
+    assert out.shape == x.shape and not out.any()
