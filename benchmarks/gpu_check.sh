@@ -24,6 +24,9 @@
 #   t2i_square  benchmarks/t2i_one_square.py on CUDA: can the embedded DiT recipe draw one flat square of the
 #               prompted colour (pixel space, exact judge) at 2k, 8k and 32k steps (issue 17: on 2 CPU cores
 #               one object in 6-7% of its samples at 1600 steps, 59% at 4800; a clean square in 0-6%)
+#   t2i_scene   benchmarks/t2i_scene_probe.py on CUDA: the testbed's scenes in pixel space with idealised tokens,
+#               at 2k, 8k and 32k steps, then with the embedded text tower at 2k and 8k (issue 17: on 2 CPU cores idealised
+#               tokens give one object of the prompted colour, not its shape, at 4800 steps; the text tower neither)
 #   t2i_objects benchmarks/t2i_steps_to_objects.py on CUDA: GenEval-style accuracy of the embedded T2I at 2k,
 #               8k and 32k DiT steps (issue 17: on 2 CPU cores 8k steps stay at the judge's floor); builds the
 #               preset's full components first, so it rarely fits the default budget: --only t2i_objects
@@ -72,6 +75,7 @@ STEPS=(
   "memory|100|$PY benchmarks/memory_plan.py --presets clip:vit-b-32,t2i:dit-xl-2 --measure-cuda"
   "t2i_point|150|rm -rf $POINTS/t2i-* && $PY -m t2i run --set device=cuda --set precision=bf16 --set max_steps=20 --set checkpoint_every=20 --set log_every=5 --set embedded_vae_steps=30 --set embedded_clip_samples=1280 --set eval_prompts=8 --set grid_prompts=4 --set sample_steps=5 --out $POINTS && $PY benchmarks/point_figures.py $POINTS/t2i-embedded-p1"
   "t2i_square|300|$PY benchmarks/t2i_one_square.py --device cuda --steps 2000,8000,32000 --out $OUT_DIR/one_square"
+  "t2i_scene|360|$PY benchmarks/t2i_scene_probe.py --device cuda --steps 2000,8000,32000 --set timestep_power=2 --out $OUT_DIR/scene_tokens && $PY benchmarks/t2i_scene_probe.py --device cuda --steps 2000,8000 --set timestep_power=2 --conditioning text --out $OUT_DIR/scene_text"
   "t2i_objects|420|$PY benchmarks/t2i_steps_to_objects.py --device cuda --steps 2000,8000,32000 --out $OUT_DIR/steps_to_objects"
 )
 

@@ -105,19 +105,19 @@ def color_tokens(seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(cfg, model, tokens: torch.Tensor, colors: torch.Tensor, seed: int) -> torch.Tensor:
-    """The pipeline's guided DPM-Solver++ loop on the DiT alone (pixel space)."""
+def guided_sample(cfg, model, states: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """The pipeline's guided DPM-Solver++ loop on the DiT alone (pixel space): ``states``/``mask`` hold the
+    prompts' text states, then as many of the null prompt's; images in [-1, 1] on the CPU."""
     device = next(model.parameters()).device
-    n = len(colors)
+    n = len(states) // 2
     x = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)).to(device)
-    hidden = torch.cat([tokens[colors], tokens[[-1] * n]]).to(device)
-    mask = torch.ones(2 * n, 1, dtype=torch.long, device=device)
+    states, mask = states.to(device), mask.to(device)
     sched = sample_scheduler(cfg)
     sched.set_timesteps(cfg.sample_steps)
     for t in sched.timesteps:
         out = model(
             torch.cat([x, x]),
-            encoder_hidden_states=hidden,
+            encoder_hidden_states=states,
             timestep=t.expand(2 * n).to(device),
             encoder_attention_mask=mask,
         )
@@ -126,9 +126,17 @@ def sample(cfg, model, tokens: torch.Tensor, colors: torch.Tensor, seed: int) ->
     return x.cpu()
 
 
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    """A row per colour, 2x nearest-neighbour so that a person sees the pixels."""
-    rows = images.clamp(-1, 1).view(len(COLORS), PER_COLOR, 3, SIZE, SIZE)
+def sample(cfg, model, tokens: torch.Tensor, colors: torch.Tensor, seed: int) -> torch.Tensor:
+    """Samples for ``colors``, guided against the empty prompt's token."""
+    n = len(colors)
+    hidden = torch.cat([tokens[colors], tokens[[-1] * n]])
+    return guided_sample(cfg, model, hidden, torch.ones(2 * n, 1, dtype=torch.long), seed)
+
+
+def save_grid(images: torch.Tensor, path: Path, n_rows: int = len(COLORS)) -> None:
+    """Images in [-1, 1] in ``n_rows`` rows (here one per colour), 2x nearest-neighbour so that a person sees
+    the pixels."""
+    rows = images.clamp(-1, 1).view(n_rows, -1, 3, SIZE, SIZE)
     grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)
     pixels = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     grid = Image.fromarray(pixels).resize((pixels.shape[1] * 2, pixels.shape[0] * 2), Image.NEAREST)

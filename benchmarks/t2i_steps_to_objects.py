@@ -160,15 +160,18 @@ def markdown(rows: list[dict], cfg) -> str:
 
 
 def parse_args(
-    argv: list[str] | None, doc: str, steps: str, out: str
+    argv: list[str] | None, doc: str, steps: str, out: str, add_flags=None
 ) -> tuple[argparse.Namespace, list[int], T2IConfig]:
-    """The flags both DiT-probe benchmarks take; returns (args, sorted step counts, the embedded preset with the
-    overrides). Bad flags exit with a usage error naming the flag, before anything is written."""
+    """The flags the DiT-probe benchmarks share (``add_flags(parser)`` adds a probe's own); returns (args, sorted
+    step counts, the embedded preset with the overrides). Bad flags exit with a usage error naming the flag,
+    before anything is written."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", default=steps, help="comma list of DiT step counts to score at")
     ap.add_argument("--out", type=Path, default=Path(out))
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the preset's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="embedded preset override")
+    if add_flags is not None:
+        add_flags(ap)
     args = ap.parse_args(argv)
     try:
         eval_steps = sorted({int(s) for s in args.steps.split(",")})

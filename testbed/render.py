@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from testbed.world import BACKGROUNDS, COLORS, MARK_RGB, Concept, marking_tone
 
-_BG_BASE = {
+BACKGROUND_BASE = {
     "grass": (72, 104, 46),
     "sand": (198, 178, 132),
     "sky": (132, 176, 222),
@@ -132,7 +132,7 @@ def make_textures(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
     sc = size / 64
     tex: dict[str, np.ndarray] = {}
     for kind in BACKGROUNDS:
-        base = np.array(_BG_BASE[kind], np.float32)
+        base = np.array(BACKGROUND_BASE[kind], np.float32)
         n = rng.standard_normal((t, t)).astype(np.float32)
         if kind == "grass":
             lum = 16 * _box_blur(n, max(1, round(3 * sc)), 0) * 1.8 + 5 * rng.standard_normal((t, t))

@@ -199,13 +199,14 @@ def test_gpu_check_dry_run_checks_imports_and_prints_every_step() -> None:
         "t2i_point",
         "memory",
         "t2i_square",
+        "t2i_scene",
         "t2i_objects",
     ]
     for step in steps:
         assert f"[{step}] timeout" in res.stdout, step
     assert "dry_run_imports_ok=1" in res.stdout and "missing:" not in res.stdout
     scripts = ("clip_train_throughput.py", "t2i_throughput.py", "eval_crosscheck.py", "memory_plan.py")
-    for script in (*scripts, "t2i_one_square.py", "t2i_steps_to_objects.py"):
+    for script in (*scripts, "t2i_one_square.py", "t2i_scene_probe.py", "t2i_steps_to_objects.py"):
         assert f"benchmarks/{script}" in res.stdout and (REPO / "benchmarks" / script).is_file()
     bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown argument --bogus" in bad.stderr
