@@ -99,6 +99,20 @@ def accuracy(images: torch.Tensor, colors: torch.Tensor) -> dict[str, float]:
     return {key: round(100 * float(np.mean([v[key] for v in verdicts])), 1) for key in JUDGED}
 
 
+def refuses_pixel_keys(sets: list[str], script: str) -> bool:
+    """True (after saying so on stderr) when ``--set`` names a key a pixel-space probe fixes, rather than
+    ignoring the flag."""
+    fixed = sorted({kv.split("=", 1)[0] for kv in sets} & {"latent_channels", "latent_size", "resolution"})
+    if fixed:
+        print(f"{script}: error: --set {fixed[0]}: fixed by the probe (3-channel pixels, {SIZE} px)", file=sys.stderr)
+    return bool(fixed)
+
+
+def pixel_config(cfg):
+    """Pixels stand in for latents: 3 channels at the image size."""
+    return dataclasses.replace(cfg, latent_channels=3, latent_size=SIZE, resolution=SIZE)
+
+
 def color_tokens(seed: int) -> torch.Tensor:
     """One conditioning token per colour, and the last one for the dropped (empty) prompt."""
     return torch.randn(len(COLORS) + 1, 1, TOKEN_WIDTH, generator=torch.Generator().manual_seed(seed + 1))
@@ -160,15 +174,9 @@ def markdown(rows: list[dict], cfg, reference: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, eval_steps, cfg = parse_args(argv, __doc__, "1600,4800", "runs/one_square")
-    fixed = sorted({kv.split("=", 1)[0] for kv in args.set} & {"latent_channels", "latent_size", "resolution"})
-    if fixed:  # would be overridden below: say so rather than ignore the flag
-        print(
-            f"t2i_one_square.py: error: --set {fixed[0]}: fixed by the probe (3-channel pixels, {SIZE} px)",
-            file=sys.stderr,
-        )
+    if refuses_pixel_keys(args.set, "t2i_one_square.py"):
         return 2
-    # Pixels stand in for latents: 3 channels at the image size.
-    cfg = dataclasses.replace(cfg, latent_channels=3, latent_size=SIZE, resolution=SIZE)
+    cfg = pixel_config(cfg)
     device = resolve_device(cfg.device)
     tokens = color_tokens(cfg.seed)
     probe_colors = torch.arange(len(COLORS)).repeat_interleave(PER_COLOR)

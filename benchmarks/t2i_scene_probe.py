@@ -33,7 +33,6 @@ last line printed is ``category_and_color_pct_at_<largest step count>``.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import random
 import sys
@@ -45,16 +44,18 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.t2i_one_square import guided_sample, save_grid  # noqa: E402
+from benchmarks.t2i_one_square import guided_sample, pixel_config, refuses_pixel_keys, save_grid  # noqa: E402
 from benchmarks.t2i_steps_to_objects import parse_args, train_steps  # noqa: E402
 from caption_mixing.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from caption_mixing.provenance import write_run_metadata  # noqa: E402
 from eval.judge import image_transform, load_judge  # noqa: E402
 from t2i.components import load_text_encoder  # noqa: E402
+from t2i.embedded import embedded_split  # noqa: E402
 from t2i.experiment import resolve  # noqa: E402
 from t2i.geneval import ensure_embedded_judge  # noqa: E402
+from testbed import ensure_testbed  # noqa: E402
 from testbed.captions import train_captions  # noqa: E402
-from testbed.geneval import with_article  # noqa: E402
+from testbed.geneval import colors_record  # noqa: E402
 from testbed.render import BACKGROUND_BASE, make_textures, render  # noqa: E402
 from testbed.world import (  # noqa: E402
     BACKGROUNDS,
@@ -154,10 +155,8 @@ class TextStates:
             self.hidden = torch.cat([h.half() for h, _ in parts])
             self.mask = torch.cat([m for _, m in parts])
             self.empty = text.encode([""])
-            prompts = [
-                f"a photo of {with_article(COLOR_NAMES[col])} {CATEGORIES[cat]}" for cat, col, _ in PROBE.tolist()
-            ]
-            self.prompts = text.encode(prompts)
+            records = [colors_record(CATEGORIES[cat], COLOR_NAMES[col]) for cat, col, _ in PROBE.tolist()]
+            self.prompts = text.encode([r["prompt"] for r in records])
         self.width = self.hidden.shape[-1]
 
     def train(self, idx: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,9 +211,12 @@ def markdown(rows: list[dict], cfg, args, reference: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def sweep_judge(res) -> Path:
-    """The embedded sweep's judge folder: built (or reused) with the testbed and cached beside it."""
-    return ensure_embedded_judge(Path(res.testbed_root).parent, SIZE, real_shards=list(res.holdout))
+def sweep_judge() -> Path:
+    """The embedded sweep's judge folder, trained once and cached beside the testbed (the key ``t2i.experiment``
+    gives it: the testbed's held-out shard); needs only the testbed, not the sweep's VAE and text tower."""
+    testbed = ensure_testbed()
+    holdout = embedded_split(testbed.train_shards)[1]
+    return ensure_embedded_judge(Path(testbed.root).parent, SIZE, real_shards=list(holdout))
 
 
 def add_flags(ap) -> None:
@@ -242,12 +244,7 @@ def add_flags(ap) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, eval_steps, cfg = parse_args(argv, __doc__, "1600,4800", "runs/scene_probe", add_flags)
-    fixed = sorted({kv.split("=", 1)[0] for kv in args.set} & {"latent_channels", "latent_size", "resolution"})
-    if fixed:
-        print(
-            f"t2i_scene_probe.py: error: --set {fixed[0]}: fixed by the probe (3-channel pixels, {SIZE} px)",
-            file=sys.stderr,
-        )
+    if refuses_pixel_keys(args.set, "t2i_scene_probe.py"):
         return 2
     if args.captions == "short" and args.conditioning != "text":
         print("t2i_scene_probe.py: error: --captions short needs --conditioning text", file=sys.stderr)
@@ -255,11 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_scenes < 1:
         print(f"t2i_scene_probe.py: error: --train-scenes {args.train_scenes}: must be >= 1", file=sys.stderr)
         return 2
-    # the sweep's components (testbed, judge, text tower), cached, for the preset as configured
-    res = resolve(cfg) if args.judge is None or args.conditioning == "text" else None
-    cfg = dataclasses.replace(cfg, latent_channels=3, latent_size=SIZE, resolution=SIZE)
+    # the sweep's text tower (built once per testbed and cached) for the preset as configured
+    res = resolve(cfg) if args.conditioning == "text" else None
+    cfg = pixel_config(cfg)
     device = resolve_device(cfg.device)
-    judge = load_judge(args.judge or sweep_judge(res))
+    try:
+        judge = load_judge(args.judge or sweep_judge())
+    except (FileNotFoundError, ValueError) as e:  # the message names the file at fault
+        print(f"t2i_scene_probe.py: error: --judge: {e}", file=sys.stderr)
+        return 2
     textures = scene_textures(args.background, cfg.seed, TestbedConfig().image_size)
     train_labels = random_labels(args.train_scenes, cfg.seed)
     train_images, captions = render_scenes(train_labels, textures, cfg.seed)

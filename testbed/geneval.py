@@ -55,7 +55,7 @@ def _counting(category: str, count: int) -> dict[str, Any]:
     }
 
 
-def _colors(category: str, color: str) -> dict[str, Any]:
+def colors_record(category: str, color: str) -> dict[str, Any]:
     return {
         "tag": "colors",
         "include": [{"class": category, "count": 1, "color": color}],
@@ -68,7 +68,7 @@ def all_records() -> dict[str, list[dict[str, Any]]]:
     return {
         "single_object": [_single_object(cat) for cat in CATEGORIES],
         "counting": [_counting(cat, n) for cat in CATEGORIES for n in COUNTING_RANGE],
-        "colors": [_colors(cat, col) for cat in CATEGORIES for col in COLORS],
+        "colors": [colors_record(cat, col) for cat in CATEGORIES for col in COLORS],
     }
 
 

@@ -82,6 +82,7 @@ def test_probe_trains_samples_and_writes_its_figures(tmp_path: Path, capsys) -> 
     assert probe.main([*argv, "--set", "resolution=64"]) == 2
     assert probe.main([*argv, "--train-scenes", "0"]) == 2
     assert probe.main([*argv, "--captions", "short"]) == 2  # captions only mean something for the text tower
+    assert probe.main([*argv, "--judge", str(tmp_path / "nope")]) == 2  # the last --judge wins
     assert (
         probe.short_caption(1, 2, 3) == f"a photo of three {tuple(COLORS)[2]} {probe.CATEGORY_PLURALS[CATEGORIES[1]]}"
     )
