@@ -34,6 +34,7 @@ from caption_mixing.atomic import atomic_write_json, atomic_write_text  # noqa: 
 from caption_mixing.paths import check_output_dir  # noqa: E402
 from caption_mixing.pipeline import SharedEpoch, iter_batches  # noqa: E402
 from caption_mixing.provenance import write_run_metadata  # noqa: E402
+from eval.geneval import ATTRIBUTES, summary_value  # noqa: E402
 from t2i.components import load_text_encoder, load_vae  # noqa: E402
 from t2i.config import T2IConfig, load_config, parse_overrides  # noqa: E402
 from t2i.experiment import resolve  # noqa: E402
@@ -43,6 +44,7 @@ from training.device import resolve_device  # noqa: E402
 from training.distributed import DistEnv  # noqa: E402
 
 TAGS = ("single_object", "counting", "colors")
+COLUMNS = (*TAGS, *ATTRIBUTES)  # then the judge's colour and count heads, whatever class it reads
 
 
 @torch.no_grad()
@@ -143,19 +145,27 @@ def summary_of(doc: dict) -> dict:
     """Per-category accuracy (%) of the generated images, and the judge's on real renderings (ceiling), on the
     same renderings through the pipeline's VAE (the pipeline's own ceiling) and on uniform noise (floor)."""
     sets = {"generated": doc["scores"], **doc["judge_reference"]}
-    return {name: {tag: round(100 * sets[name]["per_category"][tag], 1) for tag in TAGS} for name in sets}
+
+    def pct(block: dict, key: str) -> float | None:
+        v = summary_value(block, key)
+        return None if v is None else round(100 * v, 1)
+
+    return {name: {key: pct(sets[name], key) for key in COLUMNS} for name in sets}
 
 
 def markdown(rows: list[dict], cfg) -> str:
     head = f"GenEval-style accuracy (%) of the embedded T2I against DiT steps (batch {cfg.batch_size}, p={cfg.p:g})\n\n"
-    lines = ["| DiT steps | train s | " + " | ".join(TAGS) + " |", "|---" * (len(TAGS) + 2) + "|"]
+    lines = ["| DiT steps | train s | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+
+    def cells(block: dict) -> str:
+        return " | ".join("n/a" if block.get(k) is None else f"{block[k]:.1f}" for k in COLUMNS)
+
     for r in rows:
-        accuracy = " | ".join(f"{r['generated'][t]:.1f}" for t in TAGS)
-        lines.append(f"| {r['steps']} | {r['train_seconds']:.0f} | {accuracy} |")
+        lines.append(f"| {r['steps']} | {r['train_seconds']:.0f} | {cells(r['generated'])} |")
     references = {"real": "real renderings", "roundtrip": "real renderings through the VAE", "noise": "noise"}
     for ref, what in references.items():
         if ref in rows[-1]:
-            lines.append(f"| judge on {what} | | " + " | ".join(f"{rows[-1][ref][t]:.1f}" for t in TAGS) + " |")
+            lines.append(f"| judge on {what} | | {cells(rows[-1][ref])} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -204,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     write_run_metadata(args.out, cfg.to_dict(), cfg.seed)
     rows = train_and_score(cfg, data, eval_steps, res, vae, text, args.out)
     for r in rows:
-        for tag in TAGS:
-            print(f"{tag}_pct_at_{r['steps']}={r['generated'][tag]}")
+        for key in (*ATTRIBUTES, *TAGS):
+            print(f"{key}_pct_at_{r['steps']}={r['generated'][key]}")
     return 0
 
 

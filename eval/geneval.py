@@ -29,19 +29,24 @@ from caption_mixing.atomic import atomic_write_bytes, atomic_write_text
 from testbed.geneval import NOT_APPLICABLE, TAGS, record_scene_spec
 
 __all__ = [
+    "ATTRIBUTES",
     "TAGS",
+    "attribute_hits",
     "judge_ceiling",
     "judge_verdict",
     "read_metadata",
     "sample_path",
     "score_folder",
     "score_images",
+    "summary_value",
     "validate_record",
     "write_metadata",
     "write_sample_folder",
 ]
 
 RELATIONS = ("left of", "right of", "above", "below")  # GenEval's position relations
+# The judge's colour and count heads read on their own, whatever class the image shows (not GenEval's rule)
+ATTRIBUTES = ("color_any_class", "count_any_class")
 _RECORD_KEYS = {"tag", "include", "exclude", "prompt"}
 _INCLUDE_KEYS = {"class", "count", "color", "position"}
 _EXCLUDE_KEYS = {"class", "count"}
@@ -202,8 +207,37 @@ def judge_verdict(pred: dict[str, Any], record: dict[str, Any]) -> tuple[bool, s
     return not reasons, "\n".join(reasons)
 
 
+def attribute_hits(pred: dict[str, Any], record: dict[str, Any]) -> dict[str, bool]:
+    """``ATTRIBUTES`` of one detection, with the class ignored, for records with one include clause: its
+    colour when the record names one; GenEval's count rule (at least the include clause's count, fewer than
+    an exclude clause's of the same class) when the record asks for more than presence (a count above 1 or
+    an upper bound), since a judge that always sees something passes "at least 1" on noise. A generator
+    learns colour and number before it draws a shape the judge can name; every GenEval verdict needs the
+    shape, so these readings show that stage."""
+    if len(record["include"]) != 1:
+        return {}
+    req, n = record["include"][0], int(pred["count"])
+    upper = [ex["count"] for ex in record.get("exclude", []) if ex["class"] == req["class"]]
+    hits = {}
+    if req["count"] > 1 or upper:
+        hits["count_any_class"] = n >= req["count"] and all(n < u for u in upper)
+    if "color" in req:
+        hits["color_any_class"] = pred["color"] == req["color"]
+    return hits
+
+
+def summary_value(block: dict[str, Any] | None, key: str) -> float | None:
+    """One number of a score summary (``score_images``): "overall", a tag's accuracy or an ``ATTRIBUTES``
+    reading; None when it has none."""
+    block = block or {}
+    if key == "overall":
+        return block.get("overall")
+    return block.get("attributes" if key in ATTRIBUTES else "per_category", {}).get(key)
+
+
 def _summary(verdicts: list[dict[str, Any]], not_applicable: dict[str, str]) -> dict[str, Any]:
-    """Per-tag accuracy over judged images, GenEval's overall (mean over tags that have a score)."""
+    """Per-tag accuracy over judged images, GenEval's overall (mean over tags that have a score), and the
+    ``ATTRIBUTES`` readings over the images that have them."""
     per_category: dict[str, float | None] = {}
     n_images: dict[str, int] = {}
     n_prompts: dict[str, int] = {}
@@ -212,10 +246,16 @@ def _summary(verdicts: list[dict[str, Any]], not_applicable: dict[str, str]) -> 
         n_images[tag] = len(judged)
         n_prompts[tag] = len({v["index"] for v in judged})
         per_category[tag] = sum(v["correct"] for v in judged) / len(judged) if judged else None
+    attributes: dict[str, float | None] = {}
+    for key in ATTRIBUTES:
+        hits = [v["attributes"][key] for v in verdicts if key in v.get("attributes", {})]
+        n_images[key] = len(hits)
+        attributes[key] = sum(hits) / len(hits) if hits else None
     scored = [s for s in per_category.values() if s is not None]
     return {
         "overall": sum(scored) / len(scored) if scored else None,
         "per_category": per_category,
+        "attributes": attributes,
         "n_images": n_images,
         "n_prompts": n_prompts,
         "not_applicable": not_applicable,
@@ -231,9 +271,10 @@ def score_images(
 ) -> dict[str, Any]:
     """Score ``images[i]`` (the samples of ``records[i]``) with ``judge`` under GenEval's rules.
 
-    Returns {"overall", "per_category": {tag: float|None}, "n_images": {tag: int}, "n_prompts": {tag: int},
-    "not_applicable": {tag: reason}, "verdicts": [{"index", "sample", "tag", "prompt", "correct", "reason",
-    "predicted"}]}; ``correct`` is None for a record the judge cannot score (its reason says why).
+    Returns {"overall", "per_category": {tag: float|None}, "attributes": {ATTRIBUTES key: float|None},
+    "n_images": {tag or ATTRIBUTES key: int}, "n_prompts": {tag: int}, "not_applicable": {tag: reason},
+    "verdicts": [{"index", "sample", "tag", "prompt", "correct", "reason", "predicted", "attributes"}]};
+    ``correct`` is None for a record the judge cannot score (its reason says why).
     """
     from eval.judge import HEADS
 
@@ -254,7 +295,9 @@ def score_images(
         for n, pred in enumerate(judge.predict(samples) if samples else []):
             correct, why = judge_verdict(pred, record)
             predicted = {k: pred[k] for k in ("category", "color", "count")}
-            verdicts.append({**base, "sample": n, "correct": correct, "reason": why, "predicted": predicted})
+            hits = attribute_hits(pred, record)
+            verdict = {**base, "sample": n, "correct": correct, "reason": why, "predicted": predicted}
+            verdicts.append({**verdict, "attributes": hits})
     return _summary(verdicts, not_applicable)
 
 

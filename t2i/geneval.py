@@ -310,6 +310,8 @@ def geneval_command(
 def print_summary(doc: dict) -> None:
     """Per-category accuracy of the generated images beside the judge's ceiling and floor (or, without a
     judge, where the images are and the official scorer's command)."""
+    from eval.geneval import summary_value
+
     n = doc["prompts"] * doc["images_per_prompt"]
     print(f"{n} images ({doc['prompts']} prompts x {doc['images_per_prompt']}) from {doc['metadata']}")
     scores = doc.get("scores")
@@ -320,10 +322,10 @@ def print_summary(doc: dict) -> None:
     print(f"{'category':<16}{'generated':>10}{'real (ceiling)':>16}{'through VAE':>13}{'noise (floor)':>15}  images")
 
     def pct(block: dict | None, tag: str) -> str:
-        v = (block or {}).get("overall") if tag == "overall" else (block or {}).get("per_category", {}).get(tag)
+        v = summary_value(block, tag)
         return "n/a" if v is None else f"{100 * v:.1f}"
 
-    for tag in [*scores["per_category"], "overall"]:
+    for tag in [*scores["per_category"], "overall", *scores.get("attributes", {})]:
         count = scores.get("n_images", {}).get(tag, "")
         print(
             f"{tag:<16}{pct(scores, tag):>10}{pct(ref.get('real'), tag):>16}{pct(ref.get('roundtrip'), tag):>13}"

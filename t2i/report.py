@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from caption_mixing.atomic import atomic_write, atomic_write_json, atomic_write_text
+from eval.geneval import ATTRIBUTES, summary_value
 from eval.seeds import (
     MISSING,
     RULE,
@@ -126,6 +127,20 @@ def geneval_tags(runs: list[dict]) -> list[str]:
     return tags
 
 
+def geneval_keys(runs: list[dict]) -> list[str]:
+    """The columns of the GenEval-style table: overall, the scored tags, then the judge's colour and count
+    heads read whatever class it sees (``eval.geneval.ATTRIBUTES``) where the runs have them."""
+    attrs = [k for k in ATTRIBUTES if any(summary_value(r.get("geneval"), k) is not None for r in runs)]
+    return ["overall", *geneval_tags(runs), *attrs]
+
+
+ATTRIBUTES_NOTE = (
+    "- `color_any_class`, `count_any_class`: the judge's colour and count read on their own, whatever class it "
+    "sees (GenEval's rule with the class ignored; not part of its overall). A model that draws colour and number "
+    "before shape shows here first."
+)
+
+
 def _geneval_reference(runs: list[dict]) -> dict:
     """The judge's ceiling/floor block of the first run that has one (one judge serves the whole sweep); the VAE
     round trip (``roundtrip``) is averaged over the runs, whose VAEs may differ (the embedded one is per seed)."""
@@ -144,6 +159,7 @@ def _geneval_reference(runs: list[dict]) -> dict:
         ref["roundtrip"] = {
             "overall": mean([b.get("overall") for b in trips]),
             "per_category": {t: mean([b["per_category"].get(t) for b in trips]) for t in sorted(tags)},
+            "attributes": {k: mean([summary_value(b, k) for b in trips]) for k in ATTRIBUTES},
         }
     return ref
 
@@ -155,12 +171,10 @@ def geneval_table(runs: list[dict]) -> str:
     scored = [r for r in runs if r.get("geneval")]
     if not scored:
         return ""
-    tags = geneval_tags(scored)
-    keys = ["overall", *tags]
+    keys = geneval_keys(scored)
 
     def value(run: dict, key: str) -> float | None:
-        g = run.get("geneval") or {}
-        return g.get("overall") if key == "overall" else g.get("per_category", {}).get(key)
+        return summary_value(run.get("geneval"), key)
 
     stats = {k: aggregate(scored, lambda r, k=k: value(r, k)) for k in keys}
     seeds = seeds_of(scored)
@@ -175,7 +189,7 @@ def geneval_table(runs: list[dict]) -> str:
             cell = format_spread(stats[k][p])
             cells.append(cell if p == base else f"{cell} ({format_delta(stats[k][p], stats[k][base])})")
         n = group[0]["geneval"].get("n_images", {})
-        images = ", ".join(f"{t}: {n[t]}" for t in tags if t in n) or MISSING
+        images = ", ".join(f"{t}: {n[t]}" for t in keys if t in n) or MISSING
         lines.append(f"| {_row_label(group[0])} | {','.join(map(str, seeds[p]))} | {' | '.join(cells)} | {images} |")
     for name, label in GENEVAL_REFERENCE.items():
         ref = _geneval_reference(scored).get(name)
@@ -187,6 +201,7 @@ def geneval_table(runs: list[dict]) -> str:
             lines.append(f"| {label} | - | {' | '.join(cells)} | - |")
     na = {t: why for r in scored for t, why in r["geneval"].get("not_applicable", {}).items()}
     notes = [f"- n/a `{t}`: {why}" for t, why in na.items()]
+    notes += [ATTRIBUTES_NOTE] if set(keys) & set(ATTRIBUTES) else []
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -201,15 +216,14 @@ def plot_geneval(runs: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tags = ["overall", *geneval_tags(scored)]
+    keys = geneval_keys(scored)
     ref = _geneval_reference(scored)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, tag in enumerate(tags):
-        get = (
-            (lambda r: r["geneval"].get("overall"))
-            if tag == "overall"
-            else (lambda r, t=tag: r["geneval"].get("per_category", {}).get(t))
-        )
+    for i, tag in enumerate(keys):
+
+        def get(r: dict, t: str = tag) -> float | None:
+            return summary_value(r.get("geneval"), t)
+
         stats = {p: s for p, s in aggregate(scored, get).items() if s.mean is not None}
         ps = sorted(stats)
         color = f"C{i}"
@@ -217,10 +231,10 @@ def plot_geneval(runs: list[dict], path: Path) -> Path | None:
             ps,
             [100 * stats[p].mean for p in ps],
             yerr=[100 * (stats[p].std or 0) for p in ps],
-            marker="o",
+            marker="s" if tag in ATTRIBUTES else "o",
             capsize=3,
             color=color,
-            label=tag,
+            label=f"{tag} (judge head)" if tag in ATTRIBUTES else tag,
             lw=2.5 if tag == "overall" else 1.5,
         )
         for name, style in (("real", "--"), ("roundtrip", "-."), ("noise", ":")):
@@ -284,7 +298,7 @@ CSV_FIELDS = ("row", "p", "seed", "steps", "clip_original", "clip_synthetic", "g
 def report_csv(runs: list[dict]) -> str:
     """One row per run (then the judge's ceiling and floor): CLIP similarity, GenEval-style accuracy overall
     and per category (with images counted), distribution metrics with their sample counts."""
-    tags = geneval_tags(runs)
+    tags = geneval_keys(runs)[1:]
     kinds = ("original", "synthetic", "noise")
     fields = [*CSV_FIELDS, *(f"geneval_{t}" for t in tags), *(f"geneval_n_{t}" for t in tags)]
     fields += [f"{m}_{k}" for m in ("clip_fd", "fid", "kid") for k in kinds] + ["n_real", "n_generated"]
@@ -295,7 +309,7 @@ def report_csv(runs: list[dict]) -> str:
         row.update(
             clip_original=cs.get("original"), clip_synthetic=cs.get("synthetic"), geneval_overall=g.get("overall")
         )
-        row.update({f"geneval_{t}": g.get("per_category", {}).get(t) for t in tags})
+        row.update({f"geneval_{t}": summary_value(g, t) for t in tags})
         row.update({f"geneval_n_{t}": g.get("n_images", {}).get(t) for t in tags})
         for m in ("clip_fd", "fid", "kid"):
             for k in kinds:
@@ -310,7 +324,7 @@ def report_csv(runs: list[dict]) -> str:
                 {
                     "row": f"judge_{name}",
                     "geneval_overall": ref.get("overall"),
-                    **{f"geneval_{t}": ref.get("per_category", {}).get(t) for t in tags},
+                    **{f"geneval_{t}": summary_value(ref, t) for t in tags},
                 }
             )
     buf = io.StringIO()

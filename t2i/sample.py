@@ -9,6 +9,7 @@ the pipeline must be given for CLIP text encoders (its default, 120, is T5's).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,10 +34,32 @@ class PipelineError(ValueError):
     """A pipeline folder that is missing a component; the message names it."""
 
 
+class _ExpectedDiffusersWarnings(logging.Filter):
+    """Drops two diffusers warnings that are expected here and would flood a sweep's log: the PixArt pipeline
+    holds a CLIP text encoder where it declares T5 (deliberate), and every prompt longer than the text context
+    is echoed whole, per batch (truncation is counted instead: ``truncated_prompts``). Others pass."""
+
+    MESSAGES = ("Expected types for text_encoder", "The following part of your input was truncated")
+    LOGGERS = ("diffusers.pipelines.pipeline_utils", "diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.MESSAGES)
+
+
+_QUIET = _ExpectedDiffusersWarnings()
+
+
+def quiet_expected_warnings() -> None:
+    """Install the filter (idempotent: ``addFilter`` skips a filter already there)."""
+    for name in _QUIET.LOGGERS:
+        logging.getLogger(name).addFilter(_QUIET)
+
+
 def export_pipeline(out: Path, cfg: T2IConfig, transformer, vae, text: TextEncoder) -> Path:
     """Save a PixArtAlphaPipeline folder atomically (written beside, then renamed into place)."""
     from diffusers import PixArtAlphaPipeline
 
+    quiet_expected_warnings()
     pipe = PixArtAlphaPipeline(
         tokenizer=text.tokenizer,
         text_encoder=text.model,
@@ -95,6 +118,7 @@ def load_pipeline(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.
     meta = check_pipeline_folder(folder)
     weighted = ("transformer", "vae", "text_encoder")
     safe = all([use_safetensors(Path(folder) / name, f"--pipeline {name}", allow_pickle) for name in weighted])
+    quiet_expected_warnings()
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype, use_safetensors=safe)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), meta

@@ -19,12 +19,14 @@ from PIL import Image
 
 from eval.geneval import (
     TAGS,
+    attribute_hits,
     judge_ceiling,
     judge_verdict,
     read_metadata,
     sample_path,
     score_folder,
     score_images,
+    summary_value,
     write_metadata,
     write_sample_folder,
 )
@@ -166,6 +168,18 @@ def test_verdicts_follow_genevals_rules() -> None:
     assert "found 0 red; and 1 blue" in judge_verdict({"category": "fish", "color": "blue", "count": 1}, red)[1]
 
 
+def test_attribute_hits_follow_genevals_count_rule_and_ignore_the_class() -> None:
+    three = {"tag": "counting", "include": [{"class": "bird", "count": 3}], "exclude": [{"class": "bird", "count": 4}],
+             "prompt": "a photo of three birds"}  # fmt: skip
+    assert attribute_hits({"category": "fish", "color": "red", "count": 3}, three) == {"count_any_class": True}
+    assert attribute_hits({"category": "bird", "color": "red", "count": 4}, three) == {"count_any_class": False}
+    pink_car = json.loads(GENEVAL_LINES[3])  # presence only: no count reading
+    assert attribute_hits({"category": "bird", "color": "pink", "count": 2}, pink_car) == {"color_any_class": True}
+    assert not attribute_hits({"category": "car", "color": "blue", "count": 1}, pink_car)["color_any_class"]
+    two = json.loads(GENEVAL_LINES[1])
+    assert len(two["include"]) == 2 and attribute_hits({"category": "bird", "color": "red", "count": 1}, two) == {}
+
+
 def test_folder_in_genevals_layout_is_written_and_scored(tmp_path: Path) -> None:
     records = geneval_metadata(seed=0, per_tag=2) + [json.loads(GENEVAL_LINES[4])]
     scenes = [render_scenes(2, 0, "holdout", spec=record_scene_spec(r), stream=i) for i, r in enumerate(records[:6])]
@@ -185,7 +199,8 @@ def test_folder_in_genevals_layout_is_written_and_scored(tmp_path: Path) -> None
     res = score_folder(out, Oracle(truth))
     assert res["overall"] == 1.0 and res["per_category"]["single_object"] == 1.0
     assert res["n_images"] == {"single_object": 4, "two_object": 0, "counting": 3, "colors": 4, "position": 0,
-                               "color_attr": 0}  # fmt: skip
+                               "color_attr": 0, "color_any_class": 4, "count_any_class": 3}  # fmt: skip
+    assert res["attributes"] == {"color_any_class": 1.0, "count_any_class": 1.0}
     assert res["per_category"]["position"] is None and res["not_applicable"]["position"] == NOT_APPLICABLE["position"]
     na = [v for v in res["verdicts"] if v["index"] == 6]
     assert len(na) == 1 and na[0]["correct"] is None and na[0]["reason"].startswith("n/a")
@@ -193,6 +208,12 @@ def test_folder_in_genevals_layout_is_written_and_scored(tmp_path: Path) -> None
     res = score_folder(out, Oracle(wrong))
     assert res["per_category"]["colors"] == 0.0 and res["per_category"]["counting"] == 1.0
     assert res["overall"] == pytest.approx(2 / 3)  # mean over the three scored tags
+    assert res["attributes"] == {"color_any_class": 0.0, "count_any_class": 1.0}
+    # the right colour and number of the wrong class: every GenEval verdict fails, the heads read right
+    shapeless = [{**t, "category": "fish" if t["category"] != "fish" else "bird"} for t in truth]
+    res = score_folder(out, Oracle(shapeless))
+    assert res["overall"] == 0.0 and res["attributes"] == {"color_any_class": 1.0, "count_any_class": 1.0}
+    assert summary_value(res, "color_any_class") == 1.0 and summary_value(res, "colors") == 0.0
 
 
 def test_scoring_errors(tmp_path: Path) -> None:
@@ -217,7 +238,8 @@ def test_judge_ceiling_real_far_above_noise(judge_dir: Path) -> None:
     assert real["n_images"]["colors"] == 32 and real["per_category"]["two_object"] is None
     assert real["per_category"]["counting"] >= 0.2 and real["per_category"]["colors"] >= 0.2
     assert real["overall"] > noise["overall"] + 0.2 and noise["overall"] < 0.3
-    assert set(real) == {"overall", "per_category", "n_images", "n_prompts", "not_applicable", "verdicts"}
+    assert set(real) == {"overall", "per_category", "attributes", "n_images", "n_prompts", "not_applicable", "verdicts"}
+    assert real["attributes"]["color_any_class"] > noise["attributes"]["color_any_class"] + 0.3
     assert "roundtrip" not in ceiling  # only with a VAE to pass the renderings through
 
 

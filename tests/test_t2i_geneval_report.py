@@ -367,3 +367,23 @@ def test_t2i_cli_bad_input_is_one_error_line_naming_it(
     err = capsys.readouterr().err
     assert err.startswith(f"python -m t2i {argv[0]}: error: ") and names in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_attribute_columns_show_colour_and_count_read_whatever_the_class(tmp_path: Path) -> None:
+    from t2i.report import geneval_table, report_csv
+
+    runs = _runs(tmp_path)
+    for run, color in zip(runs, (0.10, 0.20, 0.80, 0.90), strict=True):
+        run["geneval"]["attributes"] = {"color_any_class": color, "count_any_class": 0.5}
+        run["geneval"]["n_images"] |= {"color_any_class": 32, "count_any_class": 96}
+        for name, level in (("real", 0.95), ("noise", 0.12)):
+            run["geneval"]["judge"][name]["attributes"] = {"color_any_class": level, "count_any_class": level}
+    rows = geneval_table(runs).splitlines()
+    assert rows[0].endswith("| colors | color_any_class | count_any_class | images per category |")
+    assert "| 15.0 ± 7.1 | 50.0 ± 0.0 |" in rows[2] and "color_any_class: 32, count_any_class: 96" in rows[2]
+    assert "| 85.0 ± 7.1 (+70.0 *) |" in rows[3]  # beyond the seed spread
+    assert rows[4].endswith("| 90.0 | 95.0 | 95.0 | - |") and rows[5].endswith("| 10.0 | 12.0 | 12.0 | - |")
+    assert "`color_any_class`, `count_any_class`: the judge's colour and count read on their own" in "\n".join(rows)
+    table = list(csv.DictReader(io.StringIO(report_csv(runs))))
+    assert float(table[3]["geneval_color_any_class"]) == 0.9 and table[3]["geneval_n_count_any_class"] == "96"
+    assert float(table[-1]["geneval_color_any_class"]) == 0.12  # the noise floor row
