@@ -136,8 +136,8 @@ def geneval_keys(runs: list[dict]) -> list[str]:
 
 ATTRIBUTES_NOTE = (
     "- `color_any_class`, `count_any_class`: the judge's colour and count read on their own, whatever class it "
-    "sees (GenEval's rule with the class ignored; not part of its overall). A model that draws colour and number "
-    "before shape shows here first."
+    "sees (GenEval's rule with the class ignored; the count only where a prompt asks for more than presence; not "
+    "part of its overall). A model that draws colour and number before shape shows here first."
 )
 
 
