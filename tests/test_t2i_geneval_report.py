@@ -227,6 +227,9 @@ def test_geneval_command_writes_genevals_layout_scores_and_repeats_seeds(
     assert np.array_equal(np.asarray(trip[1]), np.asarray(want[1]))
     assert ref["roundtrip"]["per_category"].keys() == ref["real"]["per_category"].keys()
     assert "through VAE" in printed
+    assert set(scores["attributes"]) == {"color_any_class", "count_any_class"}
+    assert scores["n_images"]["color_any_class"] == 4  # 2 colour prompts x 2 images
+    assert re.search(r"^color_any_class +(\d+\.\d +){4} 4$", printed, re.M)  # generated, real, VAE, noise
     assert doc["judge_card"]["train"]["steps"] == 2 and "evaluate_images.py" in doc["official_scorer"]
     # Sample n of prompt i is seed + i * N + n, whatever the batching: regenerate prompt 2, sample 1 alone.
     pipe, meta = load_pipeline(tiny["pipeline"])
