@@ -140,7 +140,10 @@ def geneval_section(folder: Path) -> str:
             path = sample_path(folder, index, int(v["sample"]))
             cls, mark = {True: ("ok", "✓"), False: ("bad", "✗")}.get(v["correct"], ("", "n/a"))
             reason = html.escape(str(v.get("reason") or ""))
-            figs.append(f'<figure>{_img(path, group[0]["prompt"])}<span class="{cls}">{mark}</span> {reason}</figure>')
+            seen = f"<br>judge sees {html.escape(_truth_text(v['predicted']))}" if v.get("predicted") else ""
+            figs.append(
+                f'<figure>{_img(path, group[0]["prompt"])}<span class="{cls}">{mark}</span> {reason}{seen}</figure>'
+            )
         out.append(
             f"<tr><td>{html.escape(tag)}</td><td>{html.escape(group[0]['prompt'])}</td><td>{''.join(figs)}</td></tr>"
         )

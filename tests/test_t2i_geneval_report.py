@@ -62,6 +62,7 @@ def _run(tmp: Path, p: float, seed: int, acc: dict[str, float], fd: float) -> di
             verdicts.append(
                 {"index": index, "sample": n, "tag": tag, "prompt": f"a photo of a {tag} thing", "correct": ok}
                 | {"reason": "" if ok else "expected red, found blue"}
+                | {"predicted": {"category": "bird", "color": "red" if ok else "blue", "count": 1}}
             )
     (folder / "geneval.json").write_text(json.dumps({"scores": {"verdicts": verdicts}}))
     geneval = _geneval(acc) | {"images_per_prompt": 4, "folder": str(folder)}
@@ -138,6 +139,7 @@ def test_report_writes_geneval_columns_csv_plot_and_a_self_contained_html(tmp_pa
     assert len(srcs) == 2 * (3 * 2 + 3 * 2) + 1
     assert page.count("stock photo &lt;0&gt;") == 4 and "a red bird number 2" in page  # escaped; text + alt, 2 p
     assert "expected red, found blue" in page and "✓" in page and "✗" in page  # verdicts under the images
+    assert "judge sees 1 × blue bird" in page  # and what the judge read
     assert "judge: 1 × blue bird (wrong color)" in page  # the judge's reading of a held-out image
     assert "<th>single_object</th>" in page and "judge on uniform noise (floor)" in page  # the tables
     first, second = (
