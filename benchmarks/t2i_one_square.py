@@ -36,7 +36,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.t2i_steps_to_objects import parse_args, train_steps  # noqa: E402
+from benchmarks.t2i_steps_to_objects import parse_args, print_step_figures, train_steps  # noqa: E402
 from caption_mixing.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from caption_mixing.provenance import write_run_metadata  # noqa: E402
 from t2i.model import sample_scheduler  # noqa: E402
@@ -204,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.out / "results.md", markdown(rows, cfg, reference))
 
     rows = train_steps(cfg, TOKEN_WIDTH, eval_steps, next_batch, evaluate, save)
-    for r in rows:
-        for key in JUDGED:
-            print(f"{key}_pct_at_{r['steps']}={r[key]}")
+    print_step_figures(rows, JUDGED)
     return 0
 
 

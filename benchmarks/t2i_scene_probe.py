@@ -45,7 +45,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.t2i_one_square import guided_sample, pixel_config, refuses_pixel_keys, save_grid  # noqa: E402
-from benchmarks.t2i_steps_to_objects import parse_args, train_steps  # noqa: E402
+from benchmarks.t2i_steps_to_objects import parse_args, print_step_figures, train_steps  # noqa: E402
 from caption_mixing.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from caption_mixing.provenance import write_run_metadata  # noqa: E402
 from eval.judge import image_transform, load_judge  # noqa: E402
@@ -296,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.out / "results.md", markdown(rows, cfg, args, reference))
 
     rows = train_steps(cfg, conditioning.width, eval_steps, next_batch, evaluate, save)
-    for r in rows:
-        for key in HEADS:
-            print(f"{key}_pct_at_{r['steps']}={r[key]}")
+    print_step_figures(rows, HEADS)
     return 0
 
 

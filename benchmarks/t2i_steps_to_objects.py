@@ -135,6 +135,14 @@ def train_and_score(cfg, data: dict, eval_steps: list[int], res, vae, text, out:
     return train_steps(cfg, data["hidden"].shape[-1], eval_steps, next_batch, evaluate, save)
 
 
+def print_step_figures(rows: list[dict], keys: tuple[str, ...], block: str | None = None) -> None:
+    """The probes' ``name=value`` lines, ``<key>_pct_at_<steps>`` per row and key (from ``row[block]`` when
+    given); the last key of the last row is the benchmark's figure."""
+    for r in rows:
+        for key in keys:
+            print(f"{key}_pct_at_{r['steps']}={(r[block] if block else r)[key]}")
+
+
 def write_results(out: Path, cfg, rows: list[dict]) -> None:
     doc = {"config": cfg.to_dict(), "device": resolve_device(cfg.device), "torch": torch.__version__, "rows": rows}
     atomic_write_json(out / "results.json", doc)
@@ -142,8 +150,9 @@ def write_results(out: Path, cfg, rows: list[dict]) -> None:
 
 
 def summary_of(doc: dict) -> dict:
-    """Per-category accuracy (%) of the generated images, and the judge's on real renderings (ceiling), on the
-    same renderings through the pipeline's VAE (the pipeline's own ceiling) and on uniform noise (floor)."""
+    """Per-category accuracy (%) and the any-class colour and count readings of the generated images, and the
+    judge's on real renderings (ceiling), on the same renderings through the pipeline's VAE (the pipeline's own
+    ceiling) and on uniform noise (floor)."""
     sets = {"generated": doc["scores"], **doc["judge_reference"]}
 
     def pct(block: dict, key: str) -> float | None:
@@ -213,9 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_run_metadata(args.out, cfg.to_dict(), cfg.seed)
     rows = train_and_score(cfg, data, eval_steps, res, vae, text, args.out)
-    for r in rows:
-        for key in (*ATTRIBUTES, *TAGS):
-            print(f"{key}_pct_at_{r['steps']}={r['generated'][key]}")
+    print_step_figures(rows, (*ATTRIBUTES, *TAGS), "generated")
     return 0
 
 

@@ -298,7 +298,7 @@ CSV_FIELDS = ("row", "p", "seed", "steps", "clip_original", "clip_synthetic", "g
 def report_csv(runs: list[dict]) -> str:
     """One row per run (then the judge's ceiling and floor): CLIP similarity, GenEval-style accuracy overall
     and per category (with images counted), distribution metrics with their sample counts."""
-    tags = geneval_keys(runs)[1:]
+    tags = [k for k in geneval_keys(runs) if k != "overall"]
     kinds = ("original", "synthetic", "noise")
     fields = [*CSV_FIELDS, *(f"geneval_{t}" for t in tags), *(f"geneval_n_{t}" for t in tags)]
     fields += [f"{m}_{k}" for m in ("clip_fd", "fid", "kid") for k in kinds] + ["n_real", "n_generated"]
