@@ -296,8 +296,9 @@ def score_images(
             correct, why = judge_verdict(pred, record)
             predicted = {k: pred[k] for k in ("category", "color", "count")}
             hits = attribute_hits(pred, record)
-            verdict = {**base, "sample": n, "correct": correct, "reason": why, "predicted": predicted}
-            verdicts.append({**verdict, "attributes": hits})
+            verdicts.append(
+                {**base, "sample": n, "correct": correct, "reason": why, "predicted": predicted, "attributes": hits}
+            )
     return _summary(verdicts, not_applicable)
 
 

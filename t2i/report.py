@@ -172,11 +172,7 @@ def geneval_table(runs: list[dict]) -> str:
     if not scored:
         return ""
     keys = geneval_keys(scored)
-
-    def value(run: dict, key: str) -> float | None:
-        return summary_value(run.get("geneval"), key)
-
-    stats = {k: aggregate(scored, lambda r, k=k: value(r, k)) for k in keys}
+    stats = {k: aggregate(scored, lambda r, k=k: summary_value(r["geneval"], k)) for k in keys}
     seeds = seeds_of(scored)
     base = next(iter(seeds))
     lines = [
@@ -191,13 +187,11 @@ def geneval_table(runs: list[dict]) -> str:
         n = group[0]["geneval"].get("n_images", {})
         images = ", ".join(f"{t}: {n[t]}" for t in keys if t in n) or MISSING
         lines.append(f"| {_row_label(group[0])} | {','.join(map(str, seeds[p]))} | {' | '.join(cells)} | {images} |")
+    references = _geneval_reference(scored)
     for name, label in GENEVAL_REFERENCE.items():
-        ref = _geneval_reference(scored).get(name)
-        if ref:
-            cells = [
-                MISSING if value({"geneval": ref}, k) is None else f"{100 * value({'geneval': ref}, k):.1f}"
-                for k in keys
-            ]
+        if ref := references.get(name):
+            values = [summary_value(ref, k) for k in keys]
+            cells = [MISSING if v is None else f"{100 * v:.1f}" for v in values]
             lines.append(f"| {label} | - | {' | '.join(cells)} | - |")
     na = {t: why for r in scored for t, why in r["geneval"].get("not_applicable", {}).items()}
     notes = [f"- n/a `{t}`: {why}" for t, why in na.items()]
